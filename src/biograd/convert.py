@@ -1,0 +1,386 @@
+"""``biograd.convert``: one line to put any PyTorch model on a learning rule, and its companions
+``exact``, ``feedback_weight``, ``set_targets`` and ``conversion_report``."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .direct import DirectFeedback
+from .nn.layers import CONVERTIBLE, FeedbackLayer, feedback_class, original_class
+from .rules.base import SCALES, get_rule, layer_seed
+
+log = logging.getLogger("biograd")
+
+_STOCK_FORWARD = {cls.forward for cls in CONVERTIBLE}
+_EXACT_KINDS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.MultiheadAttention,
+    nn.Embedding,
+)
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert`` did: ``converted`` maps layer names to rules, ``exact`` maps the other
+    layers that take part in learning to why their gradients stay exact."""
+
+    converted: dict[str, str] = field(default_factory=dict)
+    exact: dict[str, str] = field(default_factory=dict)
+    output: str | None = None
+    feedback_points: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} layer(s):"]
+        width = max((len(n) for n in [*self.converted, *self.exact]), default=4)
+        for name, rule in self.converted.items():
+            tag = "  (output: true error)" if name == self.output else ""
+            lines.append(f"  {name:<{width}}  {rule}{tag}")
+        if self.feedback_points:
+            lines.append("feedback points: " + ", ".join(self.feedback_points))
+        if self.exact:
+            lines.append("exact gradients (not converted):")
+            lines.extend(f"  {name:<{width}}  {why}" for name, why in self.exact.items())
+        return "\n".join(lines)
+
+
+def _match(name: str, patterns: Sequence[str] | Mapping[str, Any] | None) -> Any:
+    if not patterns:
+        return None
+    items = patterns.items() if isinstance(patterns, Mapping) else ((p, p) for p in patterns)
+    for pattern, value in items:
+        if name == pattern or fnmatch.fnmatchcase(name, pattern):
+            return value
+    return None
+
+
+def _state(model: nn.Module) -> dict[str, Any]:
+    st: dict[str, Any] = model.__dict__.setdefault("_biograd", {"hooks": []})
+    return st
+
+
+def _unconvert(model: nn.Module) -> None:
+    for handle in _state(model)["hooks"]:
+        handle.remove()
+    _state(model)["hooks"] = []
+    for module in model.modules():
+        if isinstance(module, FeedbackLayer):
+            module._rule.teardown(module)
+            module._modules.pop("direct_feedback", None)
+            for attr in ("_rule", "_engine", "_last_feedback", "_feedback_generators"):
+                module.__dict__.pop(attr, None)
+            module.__class__ = original_class(module)
+
+
+def _convertible(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> str | None:
+    """None if ``module`` can be converted, else why not."""
+    if not isinstance(module, CONVERTIBLE):
+        return "not a Linear or Conv layer"
+    if type(module).forward not in _STOCK_FORWARD:
+        return f"{type(module).__name__} overrides forward"
+    parent = parents.get(name.rpartition(".")[0])
+    if isinstance(parent, nn.MultiheadAttention):
+        return "used inside MultiheadAttention's fused kernel (exact)"
+    return None
+
+
+def convert(
+    model: nn.Module,
+    rule: str,
+    *,
+    seed: int = 0,
+    overrides: Mapping[str, str] | None = None,
+    exclude: Sequence[str] | None = None,
+    scale: str = "xavier",
+    output: str | None = None,
+    layout: str = "dense",
+    norm: str = "launay",
+    batch_dims: int = 1,
+    feedback_points: Sequence[str] | None = None,
+    example_input: Any = None,
+    hashed_rows: int = 1024,
+    verbose: bool = False,
+) -> nn.Module:
+    """Put every ``nn.Linear`` and ``nn.Conv{1,2,3}d`` of ``model`` on ``rule``, in place.
+
+    Args:
+        model: any module; layers are found wherever they sit.
+        rule: a name from ``biograd.RULES``.
+        seed: seed of all random feedback (each layer derives its own from its name).
+        overrides: per-layer rules by module name or glob, e.g. ``{"fc": "bp", "layer4.*": "fa"}``.
+        exclude: names or globs of layers to leave untouched (plain torch layers, exact gradients).
+        scale: scale scheme of B for the feedback-alignment family (``biograd.rules.SCALES``).
+        output: direct rules: name of the output layer, which gets the true error
+            (default: the last converted layer that runs).
+        layout, norm, hashed_rows: direct rules: feedback layout and scale
+            (``biograd.direct.LAYOUTS`` and ``NORMS``).
+        batch_dims: direct rules: leading dimensions that index samples at the feedback points.
+        feedback_points: direct rules: names or globs of modules whose *outputs* receive the
+            projected error (block-wise DFA) instead of the inputs of the converted layers.
+        example_input: a batch (or tuple of positional inputs) run once without a backward pass to
+            size the feedback of direct rules on convolutions and to find the layers' order.
+        verbose: print the conversion report (it is always logged at INFO level on ``biograd``).
+
+    Returns:
+        ``model``, converted. Converting again replaces the previous rule; ``biograd.RULES``
+        lists the rules; ``conversion_report(model)`` describes what was converted.
+
+    Raises:
+        ValueError: an unknown rule, scale, layout or norm; a model with nothing to convert;
+            direct rules mixed in one model; an unknown output layer.
+    """
+    main = get_rule(rule)
+    for name in (overrides or {}).values():
+        get_rule(name)
+    if scale not in SCALES:
+        raise ValueError(f"unknown feedback scale {scale!r}; choose one of {', '.join(SCALES)}")
+    _unconvert(model)
+
+    parents = dict(model.named_modules())
+    plan: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if _convertible(name, module, parents) is None and not _match(name, exclude):
+            plan[name] = _match(name, overrides) or main.name
+    if not plan:
+        raise ValueError(
+            f"nothing to convert in {type(model).__name__}: biograd converts nn.Linear and "
+            "nn.Conv1d/2d/3d layers (after exclude)"
+        )
+    direct = {r for r in plan.values() if get_rule(r).direct}
+    if len(direct) > 1:
+        raise ValueError(f"one model can use one direct rule at a time, got {sorted(direct)}")
+
+    for name, rule_name in plan.items():
+        layer = parents[name]
+        r = get_rule(rule_name)
+        layer.__class__ = feedback_class(type(layer))
+        layer.__dict__.update(
+            feedback_rule=r.name,
+            feedback_seed=layer_seed(seed, name),
+            feedback_scale_scheme=scale,
+            feedback_step=0,
+            feedback_exact=False,
+            feedback_key=name,
+            direct_role="",
+            _rule=r,
+            _engine=None,
+        )
+        r.setup(layer, layer.feedback_seed, scale)
+
+    if direct:
+        _setup_direct(
+            model, plan, direct.pop(), seed=seed, output=output, layout=layout, norm=norm,
+            batch_dims=batch_dims, feedback_points=feedback_points, example_input=example_input,
+            hashed_rows=hashed_rows,
+        )  # fmt: skip
+
+    report = conversion_report(model)
+    log.info("%s", report)
+    if verbose:
+        print(report)
+    return model
+
+
+def _run(model: nn.Module, example_input: Any) -> None:
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    with torch.enable_grad():
+        model(*args)
+
+
+def _setup_direct(
+    model: nn.Module,
+    plan: dict[str, str],
+    rule: str,
+    *,
+    seed: int,
+    output: str | None,
+    layout: str,
+    norm: str,
+    batch_dims: int,
+    feedback_points: Sequence[str] | None,
+    example_input: Any,
+    hashed_rows: int,
+) -> None:
+    modules = dict(model.named_modules())
+    layers = {n: modules[n] for n, r in plan.items() if get_rule(r).direct}
+    explicit = [n for n in modules if n and _match(n, feedback_points)] if feedback_points else []
+    if feedback_points and not explicit:
+        raise ValueError(f"no module matches feedback_points={list(feedback_points)}")
+
+    order: list[str] = list(layers)
+    sizes: dict[str, int] = {}
+    if example_input is not None:
+        # A sizing pass (no engine is attached yet, so the layers run plain): it records which
+        # layers run in which order, and the feature size at every feedback point.
+        ran: list[str] = []
+
+        def record(name: str, x: Any, always: bool) -> None:
+            if always or (isinstance(x, Tensor) and x.requires_grad):
+                sizes.setdefault(name, _features(x, batch_dims))
+
+        handles = []
+        for n, m in layers.items():
+            handles.append(m.register_forward_pre_hook(lambda m, a, n=n: ran.append(n)))
+            if not explicit:
+                handles.append(m.register_forward_pre_hook(lambda m, a, n=n: record(n, a[0], False)))
+        for n in explicit:
+            handles.append(modules[n].register_forward_hook(lambda m, a, out, n=n: record(n, out, True)))
+        try:
+            was_training = model.training
+            model.eval()
+            try:
+                _run(model, example_input)
+            finally:
+                model.train(was_training)
+        finally:
+            for h in handles:
+                h.remove()
+        order = list(dict.fromkeys(ran)) or order
+
+    out_name = output if output is not None else order[-1]
+    if out_name not in layers:
+        raise ValueError(
+            f"output layer {out_name!r} is not a converted layer; converted: {', '.join(layers)}"
+        )
+    out_layer = layers[out_name]
+    classes = out_layer.weight.shape[0]
+
+    if example_input is None:
+        if explicit:
+            points = explicit
+        else:
+            first = order[0]
+            points = [n for n in layers if n != first]
+        for n in points:
+            m = modules[n]
+            if isinstance(m, nn.Linear) and not explicit:
+                sizes[n] = m.in_features
+            elif layout != "hashed":
+                raise ValueError(
+                    f"feedback point {n!r} needs its feature size for the {layout!r} layout: pass "
+                    "example_input=<a batch> to biograd.convert, or use layout='hashed'"
+                )
+    w = out_layer.weight
+    engine = DirectFeedback(
+        rule, classes, sizes, seed=seed, layout=layout, norm=norm, batch_dims=batch_dims,
+        hashed_rows=hashed_rows, dtype=w.dtype, device=w.device,
+    )  # fmt: skip
+    out_layer.add_module("direct_feedback", engine)
+    for n, layer in layers.items():
+        layer.__dict__["_engine"] = engine
+        if n == out_name:
+            layer.direct_role = "output"
+        else:
+            layer.direct_role = "none" if explicit else "hidden"
+
+    hooks = _state(model)["hooks"]
+    hooks.append(model.register_forward_pre_hook(lambda m, a: engine.clear()))
+    for n in explicit:
+        hooks.append(modules[n].register_forward_hook(lambda m, a, out, n=n: engine.add_point(n, out)))
+    _state(model)["points"] = explicit or [n for n in layers if n in sizes or layout == "hashed"]
+
+
+def _features(x: Tensor, batch_dims: int) -> int:
+    if not isinstance(x, Tensor):
+        raise TypeError("a feedback point must be a single tensor")
+    n = 1
+    for s in x.shape[batch_dims:]:
+        n *= s
+    return n
+
+
+def converted_layers(model: nn.Module) -> Iterator[tuple[str, FeedbackLayer]]:
+    """``(name, layer)`` for every converted layer of ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, FeedbackLayer):
+            yield name, module
+
+
+def conversion_report(model: nn.Module) -> ConversionReport:
+    """Describe the conversion of ``model``: converted layers with their rules, and the layers
+    whose gradients stay exact (batch norm, pooling, attention internals, unknown types)."""
+    report = ConversionReport()
+    parents = dict(model.named_modules())
+    for name, module in model.named_modules():
+        if isinstance(module, FeedbackLayer):
+            report.converted[name or "<root>"] = module.feedback_rule
+            if module.direct_role == "output":
+                report.output = name
+            continue
+        if isinstance(module, DirectFeedback):
+            continue
+        own_params = any(True for _ in module.parameters(recurse=False))
+        if isinstance(module, _EXACT_KINDS) or (own_params and not isinstance(module, FeedbackLayer)):
+            why = _convertible(name, module, parents) if isinstance(module, CONVERTIBLE) else None
+            report.exact[name or "<root>"] = why or f"{type(module).__name__} (autograd)"
+    report.feedback_points = list(_state(model).get("points", []))
+    return report
+
+
+@contextlib.contextmanager
+def exact(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every converted layer (and the direct-feedback engine) computes exact
+    backprop; the previous modes come back on exit, also after an exception."""
+    layers = [m for _, m in converted_layers(model)]
+    engines = [m for m in model.modules() if isinstance(m, DirectFeedback)]
+    before = [m.feedback_exact for m in layers], [e.exact for e in engines]
+    try:
+        for m in layers:
+            m.feedback_exact = True
+        for e in engines:
+            e.exact = True
+        yield model
+    finally:
+        for m, v in zip(layers, before[0]):
+            m.feedback_exact = v
+        for e, v in zip(engines, before[1]):
+            e.exact = v
+
+
+def feedback_weight(layer: nn.Module) -> Tensor | None:
+    """The feedback matrix of a converted layer.
+
+    Feedback-alignment family: the B the layer used in its last forward/backward pass (its fixed
+    B for fa, frsf and kp), shaped like ``layer.weight``; ``bp`` returns ``weight``.
+    Direct rules: the matrix that projects the output error onto this layer's *input*, shape
+    ``(d, C)`` with ``d`` the input features per sample and ``C`` the outputs; it trains the layers
+    below this one. ``None`` for a layer with no feedback point (the first layer).
+    """
+    if not isinstance(layer, FeedbackLayer):
+        raise TypeError(f"{type(layer).__name__} is not a converted layer; use biograd.convert first")
+    rule = layer._rule
+    if rule.direct:
+        engine = layer._engine
+        if engine is None or layer.direct_role not in ("hidden", "output"):
+            return None
+        if layer.feedback_key not in engine.sizes:
+            return None
+        return engine.matrix(layer.feedback_key).detach()
+    last = layer.__dict__.get("_last_feedback")
+    if last is not None:
+        return last
+    with torch.no_grad():
+        fb = rule.feedback(layer)
+    return layer.weight.detach() if fb is None else fb.detach()
+
+
+def set_targets(model: nn.Module, targets: Tensor) -> None:
+    """Hand the targets of the next forward pass to a model on a rule that needs them (``drtp``)."""
+    engines = [m for m in model.modules() if isinstance(m, DirectFeedback)]
+    if not engines:
+        raise ValueError("set_targets: the model has no direct-feedback rule")
+    for e in engines:
+        e.targets = targets
