@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .direct import DirectFeedback
+from .direct import DirectFeedback, attach
 from .nn.layers import CONVERTIBLE, FeedbackLayer, feedback_class, original_class
 from .rules.base import SCALES, get_rule, layer_seed
 
@@ -57,7 +57,7 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _match(name: str, patterns: Sequence[str] | Mapping[str, Any] | None) -> Any:
+def match(name: str, patterns: Sequence[str] | Mapping[str, Any] | None) -> Any:
     if not patterns:
         return None
     items = patterns.items() if isinstance(patterns, Mapping) else ((p, p) for p in patterns)
@@ -152,8 +152,8 @@ def convert(
     parents = dict(model.named_modules())
     plan: dict[str, str] = {}
     for name, module in model.named_modules():
-        if _convertible(name, module, parents) is None and not _match(name, exclude):
-            plan[name] = _match(name, overrides) or main.name
+        if _convertible(name, module, parents) is None and not match(name, exclude):
+            plan[name] = match(name, overrides) or main.name
     if not plan:
         raise ValueError(
             f"nothing to convert in {type(model).__name__}: biograd converts nn.Linear and "
@@ -181,8 +181,8 @@ def convert(
         r.setup(layer, layer.feedback_seed, scale)
 
     if direct:
-        _setup_direct(
-            model, plan, direct.pop(), seed=seed, output=output, layout=layout, norm=norm,
+        attach(
+            model, plan, direct.pop(), hooks=_state(model), seed=seed, output=output, layout=layout, norm=norm,
             batch_dims=batch_dims, feedback_points=feedback_points, example_input=example_input,
             hashed_rows=hashed_rows,
         )  # fmt: skip
@@ -192,114 +192,6 @@ def convert(
     if verbose:
         print(report)
     return model
-
-
-def _run(model: nn.Module, example_input: Any) -> None:
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    with torch.enable_grad():
-        model(*args)
-
-
-def _setup_direct(
-    model: nn.Module,
-    plan: dict[str, str],
-    rule: str,
-    *,
-    seed: int,
-    output: str | None,
-    layout: str,
-    norm: str,
-    batch_dims: int,
-    feedback_points: Sequence[str] | None,
-    example_input: Any,
-    hashed_rows: int,
-) -> None:
-    modules = dict(model.named_modules())
-    layers = {n: modules[n] for n, r in plan.items() if get_rule(r).direct}
-    explicit = [n for n in modules if n and _match(n, feedback_points)] if feedback_points else []
-    if feedback_points and not explicit:
-        raise ValueError(f"no module matches feedback_points={list(feedback_points)}")
-
-    order: list[str] = list(layers)
-    sizes: dict[str, int] = {}
-    if example_input is not None:
-        # A sizing pass (no engine is attached yet, so the layers run plain): it records which
-        # layers run in which order, and the feature size at every feedback point.
-        ran: list[str] = []
-
-        def record(name: str, x: Any, always: bool) -> None:
-            if always or (isinstance(x, Tensor) and x.requires_grad):
-                sizes.setdefault(name, _features(x, batch_dims))
-
-        handles = []
-        for n, m in layers.items():
-            handles.append(m.register_forward_pre_hook(lambda m, a, n=n: ran.append(n)))
-            if not explicit:
-                handles.append(m.register_forward_pre_hook(lambda m, a, n=n: record(n, a[0], False)))
-        for n in explicit:
-            handles.append(modules[n].register_forward_hook(lambda m, a, out, n=n: record(n, out, True)))
-        try:
-            was_training = model.training
-            model.eval()
-            try:
-                _run(model, example_input)
-            finally:
-                model.train(was_training)
-        finally:
-            for h in handles:
-                h.remove()
-        order = list(dict.fromkeys(ran)) or order
-
-    out_name = output if output is not None else order[-1]
-    if out_name not in layers:
-        raise ValueError(
-            f"output layer {out_name!r} is not a converted layer; converted: {', '.join(layers)}"
-        )
-    out_layer = layers[out_name]
-    classes = out_layer.weight.shape[0]
-
-    if example_input is None:
-        if explicit:
-            points = explicit
-        else:
-            first = order[0]
-            points = [n for n in layers if n != first]
-        for n in points:
-            m = modules[n]
-            if isinstance(m, nn.Linear) and not explicit:
-                sizes[n] = m.in_features
-            elif layout != "hashed":
-                raise ValueError(
-                    f"feedback point {n!r} needs its feature size for the {layout!r} layout: pass "
-                    "example_input=<a batch> to biograd.convert, or use layout='hashed'"
-                )
-    w = out_layer.weight
-    engine = DirectFeedback(
-        rule, classes, sizes, seed=seed, layout=layout, norm=norm, batch_dims=batch_dims,
-        hashed_rows=hashed_rows, dtype=w.dtype, device=w.device,
-    )  # fmt: skip
-    out_layer.add_module("direct_feedback", engine)
-    for n, layer in layers.items():
-        layer.__dict__["_engine"] = engine
-        if n == out_name:
-            layer.direct_role = "output"
-        else:
-            layer.direct_role = "none" if explicit else "hidden"
-
-    hooks = _state(model)["hooks"]
-    hooks.append(model.register_forward_pre_hook(lambda m, a: engine.clear()))
-    for n in explicit:
-        hooks.append(modules[n].register_forward_hook(lambda m, a, out, n=n: engine.add_point(n, out)))
-    _state(model)["points"] = explicit or [n for n in layers if n in sizes or layout == "hashed"]
-
-
-def _features(x: Tensor, batch_dims: int) -> int:
-    if not isinstance(x, Tensor):
-        raise TypeError("a feedback point must be a single tensor")
-    n = 1
-    for s in x.shape[batch_dims:]:
-        n *= s
-    return n
 
 
 def converted_layers(model: nn.Module) -> Iterator[tuple[str, FeedbackLayer]]:
@@ -323,7 +215,9 @@ def conversion_report(model: nn.Module) -> ConversionReport:
         if isinstance(module, DirectFeedback):
             continue
         own_params = any(True for _ in module.parameters(recurse=False))
-        if isinstance(module, _EXACT_KINDS) or (own_params and not isinstance(module, FeedbackLayer)):
+        if isinstance(module, _EXACT_KINDS) or (
+            own_params and not isinstance(module, FeedbackLayer)
+        ):
             why = _convertible(name, module, parents) if isinstance(module, CONVERTIBLE) else None
             report.exact[name or "<root>"] = why or f"{type(module).__name__} (autograd)"
     report.feedback_points = list(_state(model).get("points", []))
@@ -360,7 +254,9 @@ def feedback_weight(layer: nn.Module) -> Tensor | None:
     below this one. ``None`` for a layer with no feedback point (the first layer).
     """
     if not isinstance(layer, FeedbackLayer):
-        raise TypeError(f"{type(layer).__name__} is not a converted layer; use biograd.convert first")
+        raise TypeError(
+            f"{type(layer).__name__} is not a converted layer; use biograd.convert first"
+        )
     rule = layer._rule
     if rule.direct:
         engine = layer._engine

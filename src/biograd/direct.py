@@ -21,13 +21,14 @@ sample at the point (``prod(shape[batch_dims:])``), ``C`` the number of outputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .rules.base import Rule, register
+from .rules.base import Rule, get_rule, register
 
 LAYOUTS = ("dense", "shared", "hashed")
 """Feedback layouts:
@@ -182,10 +183,10 @@ class DirectFeedback(nn.Module):
     ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
-            raise ValueError(f"unknown feedback layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+            raise ValueError(
+                f"unknown feedback layout {layout!r}; choose one of {', '.join(LAYOUTS)}"
+            )
         _norm(norm, 1, 1)
-        from .rules.base import get_rule
-
         rule_obj = get_rule(rule)
         if not isinstance(rule_obj, DirectRule):
             raise ValueError(f"{rule!r} is not a direct rule")
@@ -203,7 +204,9 @@ class DirectFeedback(nn.Module):
         gdtype = torch.float64 if dtype == torch.float64 else torch.float32
 
         def draw(rows: int) -> Tensor:
-            return torch.randn(rows, classes, generator=gen, dtype=gdtype).to(device=device, dtype=dtype)
+            return torch.randn(rows, classes, generator=gen, dtype=gdtype).to(
+                device=device, dtype=dtype
+            )
 
         if layout == "dense":
             for key, d in self.sizes.items():
@@ -231,7 +234,9 @@ class DirectFeedback(nn.Module):
 
     # ----------------------------------------------------------------- feedback matrices
     def _hash_index(self, key: str, d: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        salt = (self.seed * 0x9E3779B1 + sum((i + 1) * ord(c) for i, c in enumerate(key))) & 0xFFFFFFFF
+        salt = (
+            self.seed * 0x9E3779B1 + sum((i + 1) * ord(c) for i, c in enumerate(key))
+        ) & 0xFFFFFFFF
         i = torch.arange(d, device=device, dtype=torch.int64)
         h = _hash32(i * 0x27D4EB2F + salt)
         rows = self.basis.shape[0]
@@ -243,7 +248,9 @@ class DirectFeedback(nn.Module):
         """The dense feedback matrix ``B_k`` of point ``key``, shape ``(d_k, C)``."""
         if d is None:
             if key not in self.sizes:
-                raise KeyError(f"no feedback point {key!r} has been seen; known: {sorted(self.sizes)}")
+                raise KeyError(
+                    f"no feedback point {key!r} has been seen; known: {sorted(self.sizes)}"
+                )
             d = self.sizes[key]
         if self.layout == "dense":
             buf = getattr(self, _buffer_name(key), None)
@@ -269,7 +276,9 @@ class DirectFeedback(nn.Module):
         idx, sign = self._hash_index(key, d, self.basis.device)
         return self.basis[idx] * (sign.to(self.basis.dtype) * scale).unsqueeze(1)
 
-    def project(self, e: Tensor, keys: list[str], shapes: list[torch.Size], targets: Tensor | None) -> list[Tensor | None]:
+    def project(
+        self, e: Tensor, keys: list[str], shapes: list[torch.Size], targets: Tensor | None
+    ) -> list[Tensor | None]:
         """``B_k s(e)`` reshaped like each point, for the points of one forward pass."""
         e2 = e.reshape(-1, e.shape[-1])
         s = self.rule.signal(e2, targets)
@@ -326,7 +335,9 @@ class DirectFeedback(nn.Module):
             return out
         if not points:
             return out
-        result: Tensor = _Inject.apply(out, self, targets, [p.key for p in points], *[p.tensor for p in points])
+        result: Tensor = _Inject.apply(
+            out, self, targets, [p.key for p in points], *[p.tensor for p in points]
+        )
         return result
 
     def clear(self) -> None:
@@ -336,7 +347,12 @@ class DirectFeedback(nn.Module):
 class _Inject(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, out: Tensor, engine: DirectFeedback, targets: Tensor | None, keys: list[str], *points: Tensor
+        ctx: Any,
+        out: Tensor,
+        engine: DirectFeedback,
+        targets: Tensor | None,
+        keys: list[str],
+        *points: Tensor,
     ) -> Tensor:
         ctx.engine = engine
         ctx.targets = targets
@@ -350,3 +366,123 @@ class _Inject(torch.autograd.Function):
         keys = ctx.keys
         grads = engine.project(e, keys, ctx.shapes, ctx.targets)
         return (e, None, None, None, *grads)
+
+
+def _run(model: nn.Module, example_input: Any) -> None:
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    with torch.enable_grad():
+        model(*args)
+
+
+def attach(
+    model: nn.Module,
+    plan: dict[str, str],
+    rule: str,
+    *,
+    seed: int,
+    output: str | None,
+    layout: str,
+    norm: str,
+    batch_dims: int,
+    feedback_points: Sequence[str] | None,
+    example_input: Any,
+    hashed_rows: int,
+    hooks: dict[str, Any],
+) -> None:
+    """Attach a :class:`DirectFeedback` engine to the output layer of a model whose layers in
+    ``plan`` were converted to direct rule ``rule`` (called by ``biograd.convert``)."""
+    from .convert import match
+
+    modules = dict(model.named_modules())
+    layers = {n: modules[n] for n, r in plan.items() if get_rule(r).direct}
+    explicit = [n for n in modules if n and match(n, feedback_points)] if feedback_points else []
+    if feedback_points and not explicit:
+        raise ValueError(f"no module matches feedback_points={list(feedback_points)}")
+
+    order: list[str] = list(layers)
+    sizes: dict[str, int] = {}
+    if example_input is not None:
+        # A sizing pass (no engine is attached yet, so the layers run plain): it records which
+        # layers run in which order, and the feature size at every feedback point.
+        ran: list[str] = []
+
+        def record(name: str, x: Any, always: bool) -> None:
+            if always or (isinstance(x, Tensor) and x.requires_grad):
+                sizes.setdefault(name, _features(x, batch_dims))
+
+        handles = []
+        for n, m in layers.items():
+            handles.append(m.register_forward_pre_hook(lambda m, a, n=n: ran.append(n)))
+            if not explicit:
+                handles.append(
+                    m.register_forward_pre_hook(lambda m, a, n=n: record(n, a[0], False))
+                )
+        for n in explicit:
+            handles.append(
+                modules[n].register_forward_hook(lambda m, a, out, n=n: record(n, out, True))
+            )
+        try:
+            modes = {m: m.training for m in model.modules()}
+            model.eval()
+            try:
+                _run(model, example_input)
+            finally:
+                for m, mode in modes.items():
+                    m.training = mode
+        finally:
+            for h in handles:
+                h.remove()
+        order = list(dict.fromkeys(ran)) or order
+
+    out_name = output if output is not None else order[-1]
+    if out_name not in layers:
+        raise ValueError(
+            f"output layer {out_name!r} is not a converted layer; converted: {', '.join(layers)}"
+        )
+    out_layer = layers[out_name]
+    classes = out_layer.weight.shape[0]
+
+    if example_input is None:
+        if explicit:
+            points = explicit
+        else:
+            first = order[0]
+            points = [n for n in layers if n != first]
+        for n in points:
+            m = modules[n]
+            if isinstance(m, nn.Linear) and not explicit:
+                sizes[n] = m.in_features
+            elif layout != "hashed":
+                raise ValueError(
+                    f"feedback point {n!r} needs its feature size for the {layout!r} layout: pass "
+                    "example_input=<a batch> to biograd.convert, or use layout='hashed'"
+                )
+    w = out_layer.weight
+    engine = DirectFeedback(
+        rule, classes, sizes, seed=seed, layout=layout, norm=norm, batch_dims=batch_dims,
+        hashed_rows=hashed_rows, dtype=w.dtype, device=w.device,
+    )  # fmt: skip
+    out_layer.add_module("direct_feedback", engine)
+    for n, layer in layers.items():
+        layer.__dict__["_engine"] = engine
+        if n == out_name:
+            layer.direct_role = "output"
+        else:
+            layer.direct_role = "none" if explicit else "hidden"
+
+    handles = hooks["hooks"]
+    handles.append(model.register_forward_pre_hook(lambda m, a: engine.clear()))
+    for n in explicit:
+        handles.append(
+            modules[n].register_forward_hook(lambda m, a, out, n=n: engine.add_point(n, out))
+        )
+    hooks["points"] = explicit or [n for n in layers if n in sizes or layout == "hashed"]
+
+
+def _features(x: Tensor, batch_dims: int) -> int:
+    if not isinstance(x, Tensor):
+        raise TypeError("a feedback point must be a single tensor")
+    n = 1
+    for s in x.shape[batch_dims:]:
+        n *= s
+    return n

@@ -28,7 +28,7 @@ class LinearFeedback(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, weight, bias, feedback = inputs
+        x, _weight, bias, feedback = inputs
         ctx.save_for_backward(x, feedback)
         ctx.has_bias = bias is not None
 
@@ -71,12 +71,20 @@ class ConvFeedback(torch.autograd.Function):
         groups: int,
     ) -> Tensor:
         return torch.ops.aten.convolution(
-            x, weight, bias, list(stride), list(padding), list(dilation), False, [0] * len(stride), groups
+            x,
+            weight,
+            bias,
+            list(stride),
+            list(padding),
+            list(dilation),
+            False,
+            [0] * len(stride),
+            groups,
         )
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, weight, bias, feedback, stride, padding, dilation, groups = inputs
+        x, _weight, bias, feedback, stride, padding, dilation, groups = inputs
         ctx.save_for_backward(x, feedback)
         ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
         ctx.bias_sizes = None if bias is None else list(bias.shape)
@@ -125,7 +133,15 @@ def conv(
     """N-d convolution (explicit symmetric padding) whose input gradient uses ``feedback``."""
     if feedback is None:
         return torch.ops.aten.convolution(
-            x, weight, bias, list(stride), list(padding), list(dilation), False, [0] * len(stride), groups
+            x,
+            weight,
+            bias,
+            list(stride),
+            list(padding),
+            list(dilation),
+            False,
+            [0] * len(stride),
+            groups,
         )
     out: Tensor = ConvFeedback.apply(x, weight, bias, feedback, stride, padding, dilation, groups)
     return out

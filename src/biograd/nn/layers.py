@@ -77,10 +77,14 @@ class FeedbackLayer(nn.Module):
             else:
                 x = F.pad(x, rev)
                 padding = (0,) * len(conv.kernel_size)
-        return BF.conv(x, self.weight, self.bias, feedback, conv.stride, padding, conv.dilation, conv.groups)
+        return BF.conv(
+            x, self.weight, self.bias, feedback, conv.stride, padding, conv.dilation, conv.groups
+        )
 
     def _feedback_generator(self, device: torch.device) -> torch.Generator:
-        gens: dict[torch.device, torch.Generator] = self.__dict__.setdefault("_feedback_generators", {})
+        gens: dict[torch.device, torch.Generator] = self.__dict__.setdefault(
+            "_feedback_generators", {}
+        )
         if device not in gens:
             gens[device] = torch.Generator(device=device)
         return gens[device]
@@ -138,7 +142,9 @@ _CLASSES: dict[type[nn.Module], type[FeedbackLayer]] = {
 def feedback_class(cls: type[nn.Module]) -> type[FeedbackLayer]:
     """The converted class for ``cls`` (a subclass of ``cls``), made once per class."""
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Feedback{cls.__name__}", (FeedbackLayer, cls), {"__module__": __name__})
+        _CLASSES[cls] = type(
+            f"Feedback{cls.__name__}", (FeedbackLayer, cls), {"__module__": __name__}
+        )
     return _CLASSES[cls]
 
 

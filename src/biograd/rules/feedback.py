@@ -45,7 +45,10 @@ class UniformSignFeedback(Rule):
 
     def setup(self, layer: nn.Module, seed: int, scale: str) -> None:
         std = feedback_std(layer.weight, scale)
-        layer.register_buffer("feedback_scale", torch.tensor(std, dtype=layer.weight.dtype, device=layer.weight.device))
+        layer.register_buffer(
+            "feedback_scale",
+            torch.tensor(std, dtype=layer.weight.dtype, device=layer.weight.device),
+        )
 
     def feedback(self, layer: nn.Module) -> Tensor | None:
         return torch.sign(layer.weight.detach()) * layer.feedback_scale
@@ -60,7 +63,9 @@ class FixedRandomSignFeedback(Rule):
 
     def setup(self, layer: nn.Module, seed: int, scale: str) -> None:
         w = layer.weight
-        layer.register_buffer("feedback_magnitude", uniform_like(w, feedback_std(w, scale), seed).abs())
+        layer.register_buffer(
+            "feedback_magnitude", uniform_like(w, feedback_std(w, scale), seed).abs()
+        )
 
     def feedback(self, layer: nn.Module) -> Tensor | None:
         mag: Tensor = layer.feedback_magnitude
@@ -82,7 +87,12 @@ class BatchRandomSignFeedback(Rule):
 
     def setup(self, layer: nn.Module, seed: int, scale: str) -> None:
         layer.register_buffer(
-            "feedback_scale", torch.tensor(feedback_std(layer.weight, scale), dtype=layer.weight.dtype, device=layer.weight.device)
+            "feedback_scale",
+            torch.tensor(
+                feedback_std(layer.weight, scale),
+                dtype=layer.weight.dtype,
+                device=layer.weight.device,
+            ),
         )
 
     def feedback(self, layer: nn.Module) -> Tensor | None:
@@ -113,7 +123,10 @@ class KolenPollack(Rule):
     def setup(self, layer: nn.Module, seed: int, scale: str) -> None:
         w = layer.weight
         layer.register_parameter(
-            "feedback", nn.Parameter(uniform_like(w, feedback_std(w, scale), seed), requires_grad=w.requires_grad)
+            "feedback",
+            nn.Parameter(
+                uniform_like(w, feedback_std(w, scale), seed), requires_grad=w.requires_grad
+            ),
         )
 
     def feedback(self, layer: nn.Module) -> Tensor | None:
