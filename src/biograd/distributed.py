@@ -1,0 +1,95 @@
+"""Distributed data parallel training with ``torch.distributed`` (launched by ``torchrun``).
+
+Converted models need nothing special under ``DistributedDataParallel``:
+
+- fixed feedback (fa, frsf, usf's scale, the direct-feedback matrices) is drawn on the CPU from the
+  run's seed and each layer's name, so every rank builds the same buffers without a broadcast;
+- brsf draws ``R_t`` from a generator seeded with (layer seed, step), and every rank runs the same
+  number of forward passes, so the draws agree;
+- kp's B is a Parameter whose gradient DDP all-reduces like any other, so it stays in step;
+- ``shallow`` leaves hidden weights without gradient: wrap with ``find_unused_parameters=True``
+  (:func:`wrap` does it for you).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+def launched() -> bool:
+    """True when started by torchrun (or any launcher setting ``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:
+    """Join the process group described by torchrun's environment; return ``(rank, world)``.
+
+    The backend defaults to NCCL when CUDA is available and gloo otherwise. Without a launcher
+    this is a no-op that returns ``(0, 1)``.
+    """
+    if not launched():
+        return 0, 1
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on the process that writes files (rank 0)."""
+    return rank() == 0
+
+
+def all_reduce_sum(values: Tensor) -> Tensor:
+    """Sum ``values`` over ranks (returns ``values`` itself on one process)."""
+    if world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op on one process)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def wrap(model: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """``DistributedDataParallel(model)`` when a process group exists, else ``model``.
+
+    ``find_unused_parameters`` is set when some converted layers cannot receive a gradient
+    (the ``shallow`` rule).
+    """
+    if world_size() == 1:
+        return model
+    from .convert import converted_layers
+
+    unused = any(layer.feedback_rule == "shallow" for _, layer in converted_layers(model))
+    ids = [device.index] if device is not None and device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP (or ``torch.compile``) wrapper."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
