@@ -82,7 +82,7 @@ def _unconvert(model: nn.Module) -> None:
             module._modules.pop("direct_feedback", None)
             for attr in ("_rule", "_engine", "_last_feedback", "_feedback_generators"):
                 module.__dict__.pop(attr, None)
-            module.__class__ = original_class(module)
+            module.__class__ = original_class(module)  # type: ignore[assignment]
 
 
 def _convertible(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> str | None:

@@ -17,6 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class LinearFeedback(torch.autograd.Function):
@@ -24,7 +27,7 @@ class LinearFeedback(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor) -> Tensor:
-        return torch.nn.functional.linear(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -37,6 +40,9 @@ class LinearFeedback(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, feedback = ctx.saved_tensors
         need_x, need_w, need_b, need_fb = ctx.needs_input_grad
+        # Under autocast the forward ran in lower precision: compute in grad_out's dtype (no-ops
+        # otherwise); autograd casts each gradient back to its input's dtype.
+        x, feedback = x.to(grad_out.dtype), feedback.to(grad_out.dtype)
         grad_x = grad_w = grad_b = grad_fb = None
         if need_x:
             grad_x = grad_out.matmul(feedback)
@@ -70,17 +76,7 @@ class ConvFeedback(torch.autograd.Function):
         dilation: Sequence[int],
         groups: int,
     ) -> Tensor:
-        return torch.ops.aten.convolution(
-            x,
-            weight,
-            bias,
-            list(stride),
-            list(padding),
-            list(dilation),
-            False,
-            [0] * len(stride),
-            groups,
-        )
+        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -93,6 +89,7 @@ class ConvFeedback(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, feedback = ctx.saved_tensors
+        x, feedback = x.to(grad_out.dtype), feedback.to(grad_out.dtype)  # autocast, as above
         stride, padding, dilation, groups = ctx.conv_args
         need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
         mask = [need_x, need_w or need_fb, need_b and ctx.bias_sizes is not None]
@@ -115,7 +112,7 @@ class ConvFeedback(torch.autograd.Function):
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None) -> Tensor:
     """Linear map whose input gradient uses ``feedback`` (shape of ``weight``); exact if ``None``."""
     if feedback is None:
-        return torch.nn.functional.linear(x, weight, bias)
+        return F.linear(x, weight, bias)
     out: Tensor = LinearFeedback.apply(x, weight, bias, feedback)
     return out
 
@@ -130,18 +127,12 @@ def conv(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
-    """N-d convolution (explicit symmetric padding) whose input gradient uses ``feedback``."""
+    """N-d convolution (explicit symmetric padding) whose input gradient uses ``feedback``;
+    exact if ``None``. Batched or unbatched input, as ``torch.nn.functional.conv{1,2,3}d``."""
     if feedback is None:
-        return torch.ops.aten.convolution(
-            x,
-            weight,
-            bias,
-            list(stride),
-            list(padding),
-            list(dilation),
-            False,
-            [0] * len(stride),
-            groups,
-        )
+        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+    unbatched = x.dim() == weight.dim() - 1
+    if unbatched:
+        x = x.unsqueeze(0)
     out: Tensor = ConvFeedback.apply(x, weight, bias, feedback, stride, padding, dilation, groups)
-    return out
+    return out.squeeze(0) if unbatched else out

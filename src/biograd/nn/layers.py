@@ -43,7 +43,10 @@ class FeedbackLayer(nn.Module):
     _rule: Rule
     _engine: DirectFeedback | None
     weight: Tensor
-    bias: Tensor | None
+    # the rules' state (buffers, or kp's Parameter), present only under the rule that uses it
+    feedback: Tensor
+    feedback_scale: Tensor
+    feedback_magnitude: Tensor
 
     def forward(self, x: Tensor) -> Tensor:
         if self.feedback_exact:
@@ -62,9 +65,10 @@ class FeedbackLayer(nn.Module):
         return self._op(x, fb)
 
     def _op(self, x: Tensor, feedback: Tensor | None) -> Tensor:
+        layer: Any = self
         if isinstance(self, nn.Linear):
-            return BF.linear(x, self.weight, self.bias, feedback)
-        conv: Any = self
+            return BF.linear(x, layer.weight, layer.bias, feedback)
+        conv = layer
         padding = conv.padding
         if conv.padding_mode != "zeros":
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
@@ -78,7 +82,7 @@ class FeedbackLayer(nn.Module):
                 x = F.pad(x, rev)
                 padding = (0,) * len(conv.kernel_size)
         return BF.conv(
-            x, self.weight, self.bias, feedback, conv.stride, padding, conv.dilation, conv.groups
+            x, conv.weight, conv.bias, feedback, conv.stride, padding, conv.dilation, conv.groups
         )
 
     def _feedback_generator(self, device: torch.device) -> torch.Generator:
@@ -151,6 +155,6 @@ def feedback_class(cls: type[nn.Module]) -> type[FeedbackLayer]:
 def original_class(layer: FeedbackLayer) -> type[nn.Module]:
     """The torch class a converted layer was made from."""
     for base in type(layer).__mro__[1:]:
-        if base is not FeedbackLayer and not issubclass(base, FeedbackLayer):
+        if issubclass(base, nn.Module) and not issubclass(base, FeedbackLayer):
             return base
     raise TypeError(f"{type(layer).__name__} has no original class")

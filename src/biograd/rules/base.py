@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..nn.layers import FeedbackLayer
 
 _REGISTRY: dict[str, Rule] = {}
 
@@ -68,14 +71,14 @@ class Rule:
     direct: ClassVar[bool] = False
     paper: ClassVar[str] = ""
 
-    def setup(self, layer: nn.Module, seed: int, scale: str) -> None:
+    def setup(self, layer: FeedbackLayer, seed: int, scale: str) -> None:
         """Register the rule's buffers on ``layer``."""
 
-    def feedback(self, layer: nn.Module) -> Tensor | None:
+    def feedback(self, layer: FeedbackLayer) -> Tensor | None:
         """The feedback matrix for this forward pass, shaped like ``layer.weight``."""
         return None
 
-    def teardown(self, layer: nn.Module) -> None:
+    def teardown(self, layer: FeedbackLayer) -> None:
         """Remove what ``setup`` registered."""
         for key in ("feedback", "feedback_magnitude", "feedback_scale"):
             layer._buffers.pop(key, None)

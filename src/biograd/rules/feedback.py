@@ -3,12 +3,15 @@ through a feedback matrix B shaped like W (DESIGN.md, Notation)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .base import Rule, feedback_std, register, uniform_like
+
+if TYPE_CHECKING:
+    from ..nn.layers import FeedbackLayer
 
 
 class Backprop(Rule):
@@ -27,13 +30,12 @@ class FeedbackAlignment(Rule):
     name = "fa"
     paper = "Lillicrap, Cownden, Tweed, Akerman 2016"
 
-    def setup(self, layer: nn.Module, seed: int, scale: str) -> None:
+    def setup(self, layer: FeedbackLayer, seed: int, scale: str) -> None:
         w = layer.weight
         layer.register_buffer("feedback", uniform_like(w, feedback_std(w, scale), seed))
 
-    def feedback(self, layer: nn.Module) -> Tensor | None:
-        fb: Tensor = layer.feedback
-        return fb
+    def feedback(self, layer: FeedbackLayer) -> Tensor | None:
+        return layer.feedback
 
 
 class UniformSignFeedback(Rule):
@@ -43,15 +45,15 @@ class UniformSignFeedback(Rule):
     name = "usf"
     paper = "Liao, Leibo, Poggio 2016"
 
-    def setup(self, layer: nn.Module, seed: int, scale: str) -> None:
+    def setup(self, layer: FeedbackLayer, seed: int, scale: str) -> None:
         std = feedback_std(layer.weight, scale)
         layer.register_buffer(
             "feedback_scale",
             torch.tensor(std, dtype=layer.weight.dtype, device=layer.weight.device),
         )
 
-    def feedback(self, layer: nn.Module) -> Tensor | None:
-        return torch.sign(layer.weight.detach()) * layer.feedback_scale
+    def feedback(self, layer: FeedbackLayer) -> Tensor | None:
+        return torch.sign(layer.weight.detach()).mul_(layer.feedback_scale)
 
 
 class FixedRandomSignFeedback(Rule):
@@ -61,15 +63,14 @@ class FixedRandomSignFeedback(Rule):
     name = "frsf"
     paper = "Liao, Leibo, Poggio 2016"
 
-    def setup(self, layer: nn.Module, seed: int, scale: str) -> None:
+    def setup(self, layer: FeedbackLayer, seed: int, scale: str) -> None:
         w = layer.weight
         layer.register_buffer(
             "feedback_magnitude", uniform_like(w, feedback_std(w, scale), seed).abs()
         )
 
-    def feedback(self, layer: nn.Module) -> Tensor | None:
-        mag: Tensor = layer.feedback_magnitude
-        return mag * torch.sign(layer.weight.detach())
+    def feedback(self, layer: FeedbackLayer) -> Tensor | None:
+        return torch.sign(layer.weight.detach()).mul_(layer.feedback_magnitude)
 
 
 class BatchRandomSignFeedback(Rule):
@@ -85,7 +86,7 @@ class BatchRandomSignFeedback(Rule):
     paper = "Liao, Leibo, Poggio 2016"
     _MIX: ClassVar[int] = 0x9E3779B97F4A7C15
 
-    def setup(self, layer: nn.Module, seed: int, scale: str) -> None:
+    def setup(self, layer: FeedbackLayer, seed: int, scale: str) -> None:
         layer.register_buffer(
             "feedback_scale",
             torch.tensor(
@@ -95,7 +96,7 @@ class BatchRandomSignFeedback(Rule):
             ),
         )
 
-    def feedback(self, layer: nn.Module) -> Tensor | None:
+    def feedback(self, layer: FeedbackLayer) -> Tensor | None:
         w = layer.weight.detach()
         step = layer.feedback_step
         if layer.training and torch.is_grad_enabled():
@@ -104,7 +105,7 @@ class BatchRandomSignFeedback(Rule):
         gen.manual_seed((layer.feedback_seed + step * self._MIX) % (2**63))
         r = torch.rand(w.shape, generator=gen, device=w.device, dtype=w.dtype)
         # |U(-a, a)| is U(0, a): the magnitudes of the same distribution as fa's B.
-        return r.mul_(3.0**0.5 * layer.feedback_scale) * torch.sign(w)
+        return r.mul_(torch.sign(w)).mul_(3.0**0.5 * layer.feedback_scale)
 
 
 class KolenPollack(Rule):
@@ -120,7 +121,7 @@ class KolenPollack(Rule):
     name = "kp"
     paper = "Akrout, Wilson, Humphreys, Lillicrap, Tweed 2019"
 
-    def setup(self, layer: nn.Module, seed: int, scale: str) -> None:
+    def setup(self, layer: FeedbackLayer, seed: int, scale: str) -> None:
         w = layer.weight
         layer.register_parameter(
             "feedback",
@@ -129,9 +130,8 @@ class KolenPollack(Rule):
             ),
         )
 
-    def feedback(self, layer: nn.Module) -> Tensor | None:
-        fb: Tensor = layer.feedback
-        return fb
+    def feedback(self, layer: FeedbackLayer) -> Tensor | None:
+        return layer.feedback
 
 
 for _rule in (
