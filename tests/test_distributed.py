@@ -56,7 +56,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         x, y = _data()
         share = BATCH // world
         for rule in RULES:
-            model = distributed.wrap(_model(rule))
+            plain = _model(rule)
+            ignored = distributed.feedback_buffer_names(plain)
+            assert bool(ignored) == (rule not in {"bp", "kp"}), ignored
+            model = distributed.wrap(plain)
             _step(model, x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share])
             if rank == 0:
                 torch.save(distributed.unwrap(model).state_dict(), Path(out_dir) / f"{rule}.pt")

@@ -9,6 +9,9 @@ Converted models need nothing special under ``DistributedDataParallel``:
 - kp's B is a Parameter whose gradient DDP all-reduces like any other, so it stays in step;
 - ``shallow`` leaves hidden weights without gradient: wrap with ``find_unused_parameters=True``
   (:func:`wrap` does it for you).
+
+DDP broadcasts every buffer from rank 0 at each forward pass by default; :func:`wrap` excludes the
+feedback buffers (identical by construction) so that only batch-norm statistics and the like travel.
 """
 
 from __future__ import annotations
@@ -82,8 +85,20 @@ def wrap(model: nn.Module, device: torch.device | None = None) -> nn.Module:
     from .convert import converted_layers
 
     unused = any(layer.feedback_rule == "shallow" for _, layer in converted_layers(model))
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, feedback_buffer_names(model)
+    )
     ids = [device.index] if device is not None and device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
+
+
+def feedback_buffer_names(model: nn.Module) -> list[str]:
+    """Qualified names of the feedback buffers of a converted model (never kp's Parameter)."""
+    return [
+        name
+        for name, _ in model.named_buffers()
+        if "feedback" in name.rpartition(".")[2] or ".direct_feedback." in f".{name}"
+    ]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
