@@ -1,0 +1,469 @@
+"""Alignment with backprop: how far each rule's feedback and updates are from the true gradient.
+
+Three instruments (definitions and formulas in ``docs/alignment.md``):
+
+- :func:`weight_alignment`: the angle between a layer's forward weight and its feedback matrix
+  (Lillicrap et al. 2016, Fig. 2; Liao et al. 2016), or for direct rules between a feedback
+  point's matrix and the linearised backprop path to it (Launay, Poli, Krzakala 2019).
+- :func:`gradient_alignment`: on one batch and the same parameters, the angle between the rule's
+  weight gradient and backprop's, the per-sample cosine between the rule's and backprop's delta at
+  each layer's output (Launay et al. 2019, Sec. 3), and the angle for the whole network.
+- :class:`AlignmentMonitor`: both of the above every ``N`` training steps, appended to
+  ``alignment.csv`` (and TensorBoard when it is installed).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .convert import converted_layers, exact, feedback_weight, set_targets
+from .direct import DirectFeedback
+from .nn.layers import FeedbackLayer
+
+log = logging.getLogger("biograd")
+
+NETWORK = "<network>"
+"""Layer name of the whole-network row of :func:`gradient_alignment`."""
+
+CSV_COLUMNS = (
+    "rule", "seed", "epoch", "step", "layer", "kind",
+    "angle", "norm_ratio", "delta_cos_mean", "delta_cos_std",
+)  # fmt: skip
+"""Columns of ``alignment.csv`` (one row per measurement, layer and kind)."""
+
+LossFn = Callable[[Any, Any], Tensor]
+
+
+# --------------------------------------------------------------------------- angles
+def angle(a: Tensor, b: Tensor) -> float:
+    """Angle in degrees between ``vec(a)`` and ``vec(b)``; NaN if either is zero.
+
+    Computed as ``2 atan2(|u - v|, |u + v|)`` with ``u, v`` the unit vectors (Kahan), which, unlike
+    ``arccos`` of the cosine, is exact near 0 and 180 degrees.
+    """
+    u = a.detach().reshape(-1).double()
+    v = b.detach().reshape(-1).double()
+    nu, nv = torch.linalg.vector_norm(u), torch.linalg.vector_norm(v)
+    if nu == 0 or nv == 0 or not (torch.isfinite(nu) and torch.isfinite(nv)):
+        return math.nan
+    u, v = u / nu, v / nv
+    rad = 2.0 * torch.atan2(torch.linalg.vector_norm(u - v), torch.linalg.vector_norm(u + v))
+    return math.degrees(float(rad))
+
+
+def _norm_ratio(b: Tensor, w: Tensor) -> float:
+    nw = float(torch.linalg.vector_norm(w.detach().double()))
+    nb = float(torch.linalg.vector_norm(b.detach().double()))
+    return nb / nw if nw > 0 else math.nan
+
+
+# --------------------------------------------------------------------------- weight alignment
+def _linear_path(model: nn.Module, layer: nn.Module, output: nn.Module) -> Tensor | None:
+    """``W_L ... W_k``, the product of the forward weights from ``layer`` (k) to ``output`` (L),
+    or None when that path is not a plain chain of ``nn.Linear`` layers in module order."""
+    weighted = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    ids = [id(m) for m in weighted]
+    if id(layer) not in ids or id(output) not in ids:
+        return None
+    i, j = ids.index(id(layer)), ids.index(id(output))
+    if i > j:
+        return None
+    chain = weighted[i : j + 1]
+    if not all(isinstance(m, nn.Linear) for m in chain):
+        return None
+    path = chain[0].weight.detach().double()
+    for prev, nxt in itertools.pairwise(chain):
+        if nxt.weight.shape[1] != prev.weight.shape[0]:
+            return None
+        path = nxt.weight.detach().double() @ path
+    return path
+
+
+def weight_alignment(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per converted layer, the angle between its feedback and what backprop would use.
+
+    Feedback-alignment family (``bp fa usf frsf brsf kp``): the angle in degrees between
+    ``vec(W)`` and ``vec(B)``, with ``B = biograd.feedback_weight(layer)``, and the norm ratio
+    ``||B||_F / ||W||_F`` (Lillicrap et al. 2016; Moskovitz et al. 2018).
+
+    Direct rules (``dfa sdfa drtp shallow``): a layer's feedback point is its input, fed by the
+    matrix ``B_k`` of shape ``(d_k, C)``. Backprop would send the error there through the
+    Jacobian of the output with respect to that input; in a linear network this is the product
+    of the downstream forward weights ``P_k = W_L ... W_k`` (``C x d_k``). The entry is the angle
+    between ``vec(B_k)`` and ``vec(P_k^T)`` and the ratio ``||B_k|| / ||P_k||``: a linear-network
+    approximation (Launay, Poli, Krzakala 2019, Sec. 3). Where the path is not a plain product of
+    matrices (a convolution, a branch, or layers whose shapes do not chain in module order), both
+    values are NaN: use :func:`gradient_alignment`, which measures the real thing on data. Layers
+    without a feedback point (the first layer) are left out.
+
+    Returns:
+        ``{layer_name: {"angle": degrees, "norm_ratio": ratio}}``.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for name, layer in converted_layers(model):
+        if not layer._rule.direct:
+            b = feedback_weight(layer)
+            w = layer.weight
+            assert b is not None
+            out[name] = {"angle": angle(w, b), "norm_ratio": _norm_ratio(b, w)}
+            continue
+        b = feedback_weight(layer)
+        if b is None:
+            continue
+        engine = layer._engine
+        output = next((m for m in engine_layers(model, engine) if m.direct_role == "output"), None)
+        path = None if output is None else _linear_path(model, layer, output)
+        if path is None or path.t().shape != b.shape:
+            out[name] = {"angle": math.nan, "norm_ratio": math.nan}
+        else:
+            out[name] = {"angle": angle(path.t(), b), "norm_ratio": _norm_ratio(b, path)}
+    return out
+
+
+def engine_layers(model: nn.Module, engine: DirectFeedback | None) -> Iterator[FeedbackLayer]:
+    """The converted layers of ``model`` served by the direct-feedback ``engine``."""
+    for _, layer in converted_layers(model):
+        if engine is not None and layer._engine is engine:
+            yield layer
+
+
+# --------------------------------------------------------------------------- gradient alignment
+@dataclass
+class _Snapshot:
+    """Everything a measurement pass can change, to put back afterwards."""
+
+    grads: list[tuple[Tensor, Tensor | None]]
+    buffers: list[tuple[Tensor, Tensor]]
+    versions: list[tuple[str, Tensor, int]]
+    steps: list[tuple[FeedbackLayer, int]]
+    last_feedback: list[tuple[FeedbackLayer, Tensor | None]]
+    engines: list[tuple[DirectFeedback, list[Any], Tensor | None, dict[str, int]]]
+    cpu_rng: Tensor
+    cuda_rng: list[Tensor] | None = field(default=None)
+
+    @classmethod
+    def take(cls, model: nn.Module) -> _Snapshot:
+        # Rule state (B, scales, direct feedback) is never written by a forward or backward pass:
+        # it is checked by version counter instead of copied. Everything else (batch norm running
+        # statistics, user buffers) is copied.
+        fixed = {
+            id(b)
+            for m in model.modules()
+            if isinstance(m, (FeedbackLayer, DirectFeedback))
+            for b in m.buffers(recurse=False)
+        }
+        buffers, versions = [], []
+        for name, b in model.named_buffers():
+            if id(b) in fixed:
+                versions.append((name, b, b._version))
+            else:
+                buffers.append((b, b.detach().clone()))
+        layers = [m for _, m in converted_layers(model)]
+        engines = [m for m in model.modules() if isinstance(m, DirectFeedback)]
+        return cls(
+            grads=[(p, p.grad) for p in model.parameters()],
+            buffers=buffers,
+            versions=versions,
+            steps=[(m, m.feedback_step) for m in layers],
+            last_feedback=[(m, m.__dict__.get("_last_feedback")) for m in layers],
+            engines=[(e, list(e.points), e.targets, dict(e.sizes)) for e in engines],
+            cpu_rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        )
+
+    def rewind(self) -> None:
+        """Put back what one forward pass changes: RNG, brsf steps, batch-norm statistics."""
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        for layer, step in self.steps:
+            layer.feedback_step = step
+        with torch.no_grad():
+            for b, saved in self.buffers:
+                if not torch.equal(b, saved):
+                    b.copy_(saved)
+
+    def restore(self) -> None:
+        """Put everything back as it was when the snapshot was taken."""
+        self.rewind()
+        for p, g in self.grads:
+            p.grad = g
+        for layer, fb in self.last_feedback:
+            if fb is None:
+                layer.__dict__.pop("_last_feedback", None)
+            else:
+                layer._last_feedback = fb
+        for engine, points, targets, sizes in self.engines:
+            engine.points, engine.targets, engine.sizes = points, targets, sizes
+        for name, b, version in self.versions:
+            if b._version != version:
+                raise RuntimeError(f"biograd: feedback buffer {name!r} was modified in place")
+
+
+@dataclass
+class _Pass:
+    grads: list[Tensor | None]
+    deltas: dict[str, list[Tensor | None]]
+
+
+def _run_pass(
+    model: nn.Module,
+    layers: Mapping[str, FeedbackLayer],
+    params: Sequence[Tensor],
+    loss_fn: LossFn,
+    inputs: Any,
+    targets: Any,
+    needs_targets: bool,
+) -> _Pass:
+    deltas: dict[str, list[Tensor | None]] = {name: [] for name in layers}
+
+    def capture(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if isinstance(out, Tensor) and out.requires_grad:
+                calls = deltas[name]
+                index = len(calls)
+                calls.append(None)
+
+                def store(g: Tensor | None) -> None:
+                    if g is not None:
+                        calls[index] = g.detach()
+
+                out.register_hook(store)
+
+        return hook
+
+    handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
+    try:
+        if needs_targets:
+            set_targets(model, targets)
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        with torch.enable_grad():
+            loss = loss_fn(model(*args), targets)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return _Pass(list(grads), deltas)
+
+
+def _delta_cosines(rule: list[Tensor | None], bp: list[Tensor | None]) -> tuple[float, float]:
+    """Mean and standard deviation over samples of ``cos(delta_rule_i, delta_bp_i)``; each call
+    of the layer contributes its samples (first dimension)."""
+    cosines = []
+    for r, b in zip(rule, bp):
+        if r is None or b is None:
+            continue
+        r2 = r.reshape(r.shape[0], -1).double()
+        b2 = b.reshape(b.shape[0], -1).double()
+        norms = torch.linalg.vector_norm(r2, dim=1) * torch.linalg.vector_norm(b2, dim=1)
+        cos = (r2 * b2).sum(1) / norms
+        cosines.append(cos[norms > 0])
+    if not cosines:
+        return math.nan, math.nan
+    c = torch.cat(cosines)
+    if c.numel() == 0:
+        return math.nan, math.nan
+    return float(c.mean()), float(c.std(correction=0))
+
+
+def gradient_alignment(
+    model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any
+) -> dict[str, dict[str, float]]:
+    """How far the rule's updates are from backprop's on one batch, layer by layer.
+
+    The model runs the batch twice, once on its rules and once under ``biograd.exact(model)``
+    (true backprop; the same model, no copy), each time from the same RNG state and the same
+    brsf step, so dropout masks and brsf's ``B_t`` are those of the rule's own training step.
+    Gradients come from ``torch.autograd.grad``; ``.grad`` is never written. Afterwards every
+    ``.grad``, buffer (batch-norm statistics included), the torch RNG states (CPU, and CUDA
+    when initialised), brsf steps, each layer's last feedback and the direct-feedback engine's
+    pending state are as they were. Direct rules that need targets (``drtp``) get ``targets``
+    through ``biograd.set_targets`` before each forward pass.
+
+    Args:
+        model: a model converted with ``biograd.convert``, in train or eval mode.
+        loss_fn: ``loss_fn(model(inputs), targets)`` returns the scalar loss.
+        inputs: a tensor, or a tuple of positional inputs.
+        targets: whatever ``loss_fn`` takes as its second argument.
+
+    Returns:
+        Per converted layer ``{"angle", "delta_cos_mean", "delta_cos_std"}``: the angle in
+        degrees between the rule's and backprop's gradient of ``layer.weight``, and the mean and
+        standard deviation over samples of the cosine between the rule's and backprop's
+        ``dLoss/d(layer output)`` (Launay et al. 2019, Sec. 3); and under ``"<network>"``
+        ``{"angle"}``, the angle between the concatenated gradients of all trainable parameters
+        (Kolen-Pollack's feedback excluded). NaN where a quantity is undefined (a zero
+        gradient, e.g. the hidden layers of ``shallow``).
+    """
+    layers = dict(converted_layers(model))
+    if not layers:
+        raise ValueError(
+            "gradient_alignment: the model has no converted layer; use biograd.convert"
+        )
+    feedback_params = {id(m._parameters.get("feedback")) for m in layers.values()}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in feedback_params]
+    weights = {
+        name: next(i for i, p in enumerate(params) if p is m.weight)
+        for name, m in layers.items()
+        if m.weight.requires_grad
+    }
+    needs_targets = any(
+        getattr(e.rule, "needs_targets", False)
+        for e in model.modules()
+        if isinstance(e, DirectFeedback)
+    )
+    snap = _Snapshot.take(model)
+    try:
+        rule = _run_pass(model, layers, params, loss_fn, inputs, targets, needs_targets)
+        snap.rewind()
+        with exact(model):
+            bp = _run_pass(model, layers, params, loss_fn, inputs, targets, needs_targets)
+    finally:
+        snap.restore()
+
+    result: dict[str, dict[str, float]] = {}
+    for name in layers:
+        i = weights.get(name)
+        g_rule = rule.grads[i] if i is not None else None
+        g_bp = bp.grads[i] if i is not None else None
+        ang = angle(g_rule, g_bp) if g_rule is not None and g_bp is not None else math.nan
+        mean, std = _delta_cosines(rule.deltas[name], bp.deltas[name])
+        result[name] = {"angle": ang, "delta_cos_mean": mean, "delta_cos_std": std}
+    flat_rule = [g if g is not None else torch.zeros_like(p) for g, p in zip(rule.grads, params)]
+    flat_bp = [g if g is not None else torch.zeros_like(p) for g, p in zip(bp.grads, params)]
+    result[NETWORK] = {
+        "angle": angle(
+            torch.cat([g.reshape(-1).double() for g in flat_rule]),
+            torch.cat([g.reshape(-1).double() for g in flat_bp]),
+        )
+    }
+    return result
+
+
+# --------------------------------------------------------------------------- monitor
+def _cell(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return ""
+    return value
+
+
+def _main_rule(model: nn.Module) -> str:
+    rules = [m.feedback_rule for _, m in converted_layers(model)]
+    return max(set(rules), key=rules.count) if rules else ""
+
+
+class AlignmentMonitor:
+    """Measures :func:`weight_alignment` and :func:`gradient_alignment` every ``every`` steps of
+    a training loop and appends the rows to ``alignment.csv`` (columns :data:`CSV_COLUMNS`) and,
+    when the ``tensorboard`` package is installed, to a TensorBoard log.
+
+    Call :meth:`maybe_measure` once per step with the step's batch, before or after the
+    optimizer step (the measurement leaves the model's state as it found it). With ``every=0``
+    (or on a step that is not a multiple of ``every``) it returns at once: one comparison.
+
+    Args:
+        model: the converted model being trained.
+        loss_fn: ``loss_fn(model(inputs), targets)``, as in training.
+        every: measure when ``step % every == 0``; 0 or less turns the monitor off.
+        csv_path: file to append rows to (header written when the file is new or empty).
+        tensorboard_dir: directory of a TensorBoard event file; ignored (with a warning) when
+            ``tensorboard`` is not installed.
+        tags: values of the ``rule`` and ``seed`` columns (default: the model's most common
+            rule, and an empty seed).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        every: int = 100,
+        csv_path: str | Path | None = None,
+        tensorboard_dir: str | Path | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.every = int(every)
+        self.csv_path = Path(csv_path) if csv_path is not None else None
+        tags = dict(tags or {})
+        self.rule = str(tags.get("rule", _main_rule(model)))
+        self.seed = tags.get("seed", "")
+        self._writer: Any = None
+        if tensorboard_dir is not None and self.every > 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("tensorboard is not installed: alignment goes to alignment.csv only")
+            else:
+                self._writer = SummaryWriter(str(tensorboard_dir))
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0
+
+    def maybe_measure(
+        self, step: int, epoch: int, inputs: Any, targets: Any
+    ) -> list[dict[str, Any]]:
+        """Measure on this batch if ``step`` is a multiple of ``every``; return the rows written
+        (empty otherwise)."""
+        if self.every <= 0 or step % self.every:
+            return []
+        return self.measure(step, epoch, inputs, targets)
+
+    def measure(self, step: int, epoch: int, inputs: Any, targets: Any) -> list[dict[str, Any]]:
+        """Measure now and write the rows: one ``weight`` row per layer with a feedback matrix,
+        one ``gradient`` row per converted layer, and a ``gradient`` row for ``<network>``."""
+        base = {"rule": self.rule, "seed": self.seed, "epoch": epoch, "step": step}
+        empty = {
+            "angle": math.nan,
+            "norm_ratio": math.nan,
+            "delta_cos_mean": math.nan,
+            "delta_cos_std": math.nan,
+        }
+        rows: list[dict[str, Any]] = []
+        for layer, values in weight_alignment(self.model).items():
+            rows.append({**base, "layer": layer, "kind": "weight", **empty, **values})
+        grad = gradient_alignment(self.model, self.loss_fn, inputs, targets)
+        for layer, values in grad.items():
+            rows.append({**base, "layer": layer, "kind": "gradient", **empty, **values})
+        self._write(rows)
+        return rows
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        if self.csv_path is not None:
+            self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+            new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
+            with self.csv_path.open("a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+                if new:
+                    writer.writeheader()
+                writer.writerows({k: _cell(row[k]) for k in CSV_COLUMNS} for row in rows)
+        if self._writer is not None:
+            for row in rows:
+                for key in ("angle", "delta_cos_mean"):
+                    value = row[key]
+                    if isinstance(value, float) and math.isfinite(value):
+                        tag = f"alignment/{row['kind']}_{key}/{row['layer']}"
+                        self._writer.add_scalar(tag, value, row["step"])
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer, if any."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> AlignmentMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,324 @@
+"""Alignment diagnostics: known angles, and measurements that leave the model untouched."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as F
+
+import biograd
+from biograd.alignment import (
+    CSV_COLUMNS,
+    NETWORK,
+    AlignmentMonitor,
+    angle,
+    gradient_alignment,
+    weight_alignment,
+)
+
+FA_FAMILY = ("bp", "fa", "usf", "frsf", "brsf", "kp")
+ALL_RULES = (*FA_FAMILY, "dfa", "sdfa", "drtp", "shallow")
+TOL = 1e-4  # degrees
+
+
+def mlp(d_in: int = 12, hidden: int = 16, classes: int = 4, dropout: float = 0.0) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(d_in, hidden),
+        nn.Tanh(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, classes),
+    )
+
+
+def convnet() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Conv2d(4, 6, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 5),
+    )
+
+
+def batch(n: int = 8, d: int = 12, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, d), torch.randint(0, classes, (n,))
+
+
+def image_batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, 1, 8, 8), torch.randint(0, 5, (n,))
+
+
+# --------------------------------------------------------------------------- angle
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 50), st.floats(0.01, 100.0), st.integers(0, 10_000))
+def test_angle_of_parallel_and_opposite_vectors(n: int, c: float, seed: int) -> None:
+    a = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    assert angle(a, c * a) == pytest.approx(0.0, abs=TOL)
+    assert angle(a, -c * a) == pytest.approx(180.0, abs=TOL)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1))
+    assert angle(a, b) == pytest.approx(angle(b, a), abs=1e-9)
+
+
+def test_angle_of_zero_vector_is_nan() -> None:
+    assert math.isnan(angle(torch.zeros(3), torch.ones(3)))
+
+
+# --------------------------------------------------------------------------- weight alignment
+def test_bp_gives_zero_everywhere() -> None:
+    model = biograd.convert(mlp(dropout=0.5), "bp")
+    x, y = batch()
+    for values in weight_alignment(model).values():
+        assert values["angle"] == pytest.approx(0.0, abs=TOL)
+        assert values["norm_ratio"] == pytest.approx(1.0)
+    grad = gradient_alignment(model, F.cross_entropy, x, y)
+    assert set(grad) == {"0", "3", "5", NETWORK}
+    for values in grad.values():
+        assert values["angle"] == pytest.approx(0.0, abs=TOL)
+    for name in ("0", "3", "5"):
+        assert grad[name]["delta_cos_mean"] == pytest.approx(1.0, abs=1e-9)
+        assert grad[name]["delta_cos_std"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fa_with_b_set_to_w_gives_zero_everywhere() -> None:
+    model = biograd.convert(mlp(), "fa")
+    with torch.no_grad():
+        for _, layer in biograd.converted_layers(model):
+            layer.feedback.copy_(layer.weight)
+    x, y = batch()
+    for values in weight_alignment(model).values():
+        assert values["angle"] == pytest.approx(0.0, abs=TOL)
+    for values in gradient_alignment(model, F.cross_entropy, x, y).values():
+        assert values["angle"] == pytest.approx(0.0, abs=TOL)
+
+
+def test_fresh_fa_is_about_90_degrees() -> None:
+    model = biograd.convert(nn.Sequential(nn.Linear(300, 300), nn.Linear(300, 200)), "fa", seed=3)
+    for values in weight_alignment(model).values():
+        assert values["angle"] == pytest.approx(90.0, abs=2.0)
+
+
+def test_usf_on_uniform_weights_is_30_degrees() -> None:
+    layer = nn.Linear(400, 300)
+    nn.init.uniform_(layer.weight, -0.1, 0.1)
+    model = biograd.convert(nn.Sequential(layer), "usf")
+    expected = math.degrees(math.acos(math.sqrt(3) / 2))
+    assert weight_alignment(model)["0"]["angle"] == pytest.approx(expected, abs=0.3)
+
+
+def test_b_orthogonal_to_w_gives_90() -> None:
+    model = biograd.convert(nn.Sequential(nn.Linear(10, 7)), "fa")
+    layer = model[0]
+    with torch.no_grad():
+        w = layer.weight.double()
+        b = torch.randn_like(w)
+        b -= (b * w).sum() / (w * w).sum() * w
+        layer.feedback.copy_(b.float())
+        layer.feedback.mul_(3.0)
+    values = weight_alignment(model)["0"]
+    assert values["angle"] == pytest.approx(90.0, abs=1e-3)
+    assert values["norm_ratio"] == pytest.approx(
+        float(layer.feedback.norm() / layer.weight.detach().norm()), rel=1e-6
+    )
+
+
+def test_one_hidden_layer_dfa_with_feedback_set_to_output_weights_gives_zero() -> None:
+    model = biograd.convert(nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 4)), "dfa")
+    engine = model[2].direct_feedback
+    with torch.no_grad():
+        engine.point_2.copy_(model[2].weight.t())
+    weight = weight_alignment(model)
+    assert set(weight) == {"2"}  # the first layer has no feedback point
+    assert weight["2"]["angle"] == pytest.approx(0.0, abs=TOL)
+    assert weight["2"]["norm_ratio"] == pytest.approx(1.0)
+    x, y = batch()
+    grad = gradient_alignment(model, F.cross_entropy, x, y)
+    for values in grad.values():
+        assert values["angle"] == pytest.approx(0.0, abs=TOL)
+    assert grad["0"]["delta_cos_mean"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_dfa_weight_alignment_uses_the_product_of_downstream_weights() -> None:
+    model = biograd.convert(mlp(), "dfa", seed=2)
+    path = model[5].weight.double() @ model[3].weight.double()  # (C, d) from the input of layer "3"
+    b = model[5].direct_feedback.point_3
+    assert weight_alignment(model)["3"]["angle"] == pytest.approx(angle(path.t(), b), abs=1e-9)
+
+
+def test_fresh_direct_rules_are_far_from_backprop() -> None:
+    torch.manual_seed(1)
+    model = biograd.convert(mlp(hidden=64), "dfa")
+    x, y = batch(32)
+    grad = gradient_alignment(model, F.cross_entropy, x, y)
+    assert 60.0 < grad["0"]["angle"] < 120.0
+    assert grad["5"]["angle"] == pytest.approx(0.0, abs=TOL)  # the output layer has the true error
+
+
+@pytest.mark.parametrize("rule", ALL_RULES)
+def test_every_rule_reports_every_layer(rule: str) -> None:
+    model = biograd.convert(mlp(dropout=0.2), rule)
+    x, y = batch()
+    grad = gradient_alignment(model, F.cross_entropy, x, y)
+    assert set(grad) == {"0", "3", "5", NETWORK}
+    assert grad["5"]["angle"] == pytest.approx(0.0, abs=TOL)
+    if rule == "shallow":
+        assert math.isnan(grad["0"]["angle"])  # hidden layers get no update at all
+    else:
+        assert 0.0 <= grad["0"]["angle"] <= 180.0
+        assert -1.0 <= grad["0"]["delta_cos_mean"] <= 1.0
+
+
+# --------------------------------------------------------------------------- convolutions
+@pytest.mark.parametrize("rule", ("bp", "fa", "brsf", "dfa"))
+def test_conv_layers(rule: str) -> None:
+    x, y = image_batch()
+    model = biograd.convert(convnet(), rule, example_input=x)
+    if rule == "fa":
+        with torch.no_grad():
+            for _, layer in biograd.converted_layers(model):
+                layer.feedback.copy_(layer.weight)
+    weight = weight_alignment(model)
+    grad = gradient_alignment(model, F.cross_entropy, x, y)
+    assert set(grad) == {"0", "4", "7", NETWORK}
+    exact_rule = rule in ("bp", "fa")
+    for name in ("0", "4"):
+        if exact_rule:
+            assert grad[name]["angle"] == pytest.approx(0.0, abs=TOL)
+            assert weight[name]["angle"] == pytest.approx(0.0, abs=TOL)
+        else:
+            assert 0.0 < grad[name]["angle"] < 180.0
+    if rule == "dfa":
+        assert math.isnan(weight["4"]["angle"])  # a convolutional path is no plain product
+        assert math.isfinite(weight["7"]["angle"])
+
+
+# --------------------------------------------------------------------------- no side effects
+def _state(model: nn.Module) -> dict[str, object]:
+    layers = [m for _, m in biograd.converted_layers(model)]
+    return {
+        "state": {
+            k: v.detach().clone() if isinstance(v, torch.Tensor) else dict(v)
+            for k, v in model.state_dict(keep_vars=True).items()
+        },
+        "grads": {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        },
+        "grad_ids": {n: id(p.grad) for n, p in model.named_parameters()},
+        "steps": [m.feedback_step for m in layers],
+        "last": [m.__dict__.get("_last_feedback") for m in layers],
+        "rng": torch.get_rng_state(),
+        "training": [m.training for m in model.modules()],
+    }
+
+
+def _assert_same(a: dict[str, object], b: dict[str, object]) -> None:
+    assert a["state"].keys() == b["state"].keys()  # type: ignore[attr-defined]
+    for k, v in a["state"].items():  # type: ignore[attr-defined]
+        other = b["state"][k]  # type: ignore[index]
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, other), k
+        else:
+            assert v == other, k
+    for k, g in a["grads"].items():  # type: ignore[attr-defined]
+        other = b["grads"][k]  # type: ignore[index]
+        assert (g is None and other is None) or torch.equal(g, other), k
+    assert a["grad_ids"] == b["grad_ids"]
+    assert a["steps"] == b["steps"]
+    assert all(x is y for x, y in zip(a["last"], b["last"]))  # type: ignore[call-overload]
+    assert torch.equal(a["rng"], b["rng"])  # type: ignore[arg-type]
+    assert a["training"] == b["training"]
+
+
+@pytest.mark.parametrize("mode", ("train", "eval"))
+@pytest.mark.parametrize("rule", ("brsf", "kp", "dfa", "drtp"))
+def test_measurement_leaves_the_model_bit_identical(rule: str, mode: str) -> None:
+    x, y = image_batch()
+    model = biograd.convert(convnet(), rule, example_input=x)
+    model.train(mode == "train")
+    # a training step first, so that grads, brsf steps and running statistics are populated
+    if rule == "drtp":
+        biograd.set_targets(model, y)
+    F.cross_entropy(model(x), y).backward()
+    before = _state(model)
+    weight_alignment(model)
+    gradient_alignment(model, F.cross_entropy, x, y)
+    _assert_same(before, _state(model))
+
+
+@pytest.mark.parametrize("rule", ("brsf", "dfa"))
+def test_training_is_unchanged_by_measuring(rule: str) -> None:
+    """The next training step (dropout masks, brsf draws, BN statistics) is the same as without
+    the measurement."""
+
+    def run(measure: bool) -> list[torch.Tensor]:
+        torch.manual_seed(5)
+        x, y = image_batch()
+        model = biograd.convert(convnet(), rule, example_input=x).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            if measure:
+                gradient_alignment(model, F.cross_entropy, x, y)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return [
+            t.detach().clone() for t in model.state_dict().values() if isinstance(t, torch.Tensor)
+        ]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
+def test_dropout_masks_are_identical_in_both_passes() -> None:
+    model = biograd.convert(mlp(dropout=0.5), "bp").train()
+    x, y = batch(32)
+    grad = gradient_alignment(model, F.cross_entropy, x, y)
+    assert grad[NETWORK]["angle"] == pytest.approx(0.0, abs=TOL)
+
+
+def test_unconverted_model_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no converted layer"):
+        gradient_alignment(mlp(), F.cross_entropy, *batch())
+
+
+# --------------------------------------------------------------------------- monitor
+def test_monitor_writes_rows_every_n_steps(tmp_path) -> None:
+    model = biograd.convert(mlp(), "fa")
+    path = tmp_path / "run" / "alignment.csv"
+    x, y = batch()
+    with AlignmentMonitor(
+        model, F.cross_entropy, every=2, csv_path=path, tags={"rule": "fa", "seed": 3}
+    ) as monitor:
+        written = [monitor.maybe_measure(step, 0, x, y) for step in range(5)]
+    assert [bool(rows) for rows in written] == [True, False, True, False, True]
+    with path.open() as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames or ()) == CSV_COLUMNS
+        rows = list(reader)
+    assert len(rows) == 3 * (3 + 4)  # 3 weight rows + 3 layer and 1 network gradient rows
+    assert {r["step"] for r in rows} == {"0", "2", "4"}
+    assert {r["rule"] for r in rows} == {"fa"} and {r["seed"] for r in rows} == {"3"}
+    net = [r for r in rows if r["layer"] == NETWORK]
+    assert all(r["kind"] == "gradient" and r["norm_ratio"] == "" and r["angle"] for r in net)
+    weight = [r for r in rows if r["kind"] == "weight"]
+    assert all(r["delta_cos_mean"] == "" and float(r["norm_ratio"]) > 0 for r in weight)
+
+
+def test_monitor_off_does_nothing(tmp_path) -> None:
+    model = biograd.convert(mlp(), "fa")
+    path = tmp_path / "alignment.csv"
+    monitor = AlignmentMonitor(model, F.cross_entropy, every=0, csv_path=path)
+    assert not monitor.enabled
+    assert monitor.maybe_measure(0, 0, None, None) == []
+    assert not path.exists()
+    monitor.close()
