@@ -98,6 +98,9 @@ def download(filename: str, dest_dir: Path, remote: Remote, name: str, mirror: s
         url = base + filename
         try:
             got = _fetch(url, dest_dir)
+        except urllib.error.HTTPError as exc:
+            failures.append(f"{url}: HTTP {exc.code} {exc.reason}")
+            continue
         except (urllib.error.URLError, OSError, ValueError) as exc:
             failures.append(f"{url}: {getattr(exc, 'reason', exc)}")
             continue

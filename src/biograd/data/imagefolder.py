@@ -160,7 +160,7 @@ class ImageFolder(Dataset[tuple[Tensor, int] | DecodeFailure]):
             box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
         rgb = img.convert("RGB")
         out = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
-        return np.asarray(out, dtype=np.uint8)
+        return np.array(out, dtype=np.uint8)
 
 
 def random_resized_box(

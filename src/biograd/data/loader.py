@@ -173,8 +173,8 @@ class Loader:
     ) -> Iterator[tuple[Tensor, Tensor]]:
         # Every sample's crop seed is drawn here, in the main process, so the batches do not
         # depend on the number of workers.
-        seeds = torch.randint(0, 2**62, (len(ds),), generator=generator)
-        requests = [[(int(i), int(seeds[i])) for i in idx] for idx in batches]
+        seeds = torch.randint(0, 2**62, (len(ds),), generator=generator).tolist()
+        requests = [[(i, seeds[i]) for i in idx.tolist()] for idx in batches]
         pin = self.device is not None and self.device.type == "cuda"
         loader = DataLoader(
             ds,
