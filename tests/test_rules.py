@@ -305,7 +305,7 @@ def test_to_float64_moves_b(rule: str) -> None:
     model = biograd.convert(cnn(), rule)
     before = {n: biograd.feedback_weight(m).clone() for n, m in biograd.converted_layers(model)}
     model.to(torch.float64)
-    for name, layer in biograd.converted_layers(model):
+    for _, layer in biograd.converted_layers(model):
         for t in (*layer.buffers(recurse=False), *layer.parameters(recurse=False)):
             assert t.dtype == torch.float64
     x = torch.randn(3, 2, 8, 8, dtype=torch.float64, requires_grad=True)
