@@ -1,0 +1,288 @@
+"""Training-step time and memory of every learning rule relative to plain backprop.
+
+For each benchmark network, one process holds one copy per rule (same initial weights, same
+batch), converted with ``biograd.convert``, each with its own SGD optimizer. The rules are timed
+interleaved (round-robin, rotating order) after a warm-up; the reported time is the median over all
+timed steps (forward + cross-entropy + backward + optimizer step). The baseline ``bp`` is the
+plain, unconverted torch model; ``bp (converted)`` shows what the conversion itself costs.
+
+    .venv/bin/python benchmarks/step_time.py                  # all cases, CPU
+    .venv/bin/python benchmarks/step_time.py --quick          # smoke run (small batches)
+    .venv/bin/python benchmarks/step_time.py --cases mlp,cnn --out runs/bench
+
+Memory: on CUDA the peak allocated during one step above the allocation before it; on the CPU
+the bytes autograd saves for backward in one step (parameters and buffers excluded), plus the
+persistent bytes (parameters, gradients, buffers, optimizer state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import biograd
+from common import (
+    Trainee,
+    cuda_peak_bytes,
+    interleaved_times,
+    library_model,
+    machine,
+    mib,
+    mlp,
+    persistent_bytes,
+    ratio_stats,
+    saved_tensor_bytes,
+    small_cnn,
+    train_step,
+)
+
+FA_FAMILY = ("fa", "usf", "frsf", "kp")
+ALL_RULES = ("bp", "fa", "usf", "frsf", "brsf", "kp", "dfa")
+BASE = "bp"
+CONVERTED_BP = "bp (converted)"
+
+
+@dataclass
+class Case:
+    """One benchmark network with its batch, the rules to time and their targets (x bp)."""
+
+    name: str
+    title: str
+    build: Callable[[], nn.Module]
+    in_shape: tuple[int, ...]
+    batch: int
+    rules: tuple[str, ...]
+    targets: dict[str, float] = field(default_factory=dict)
+    reps: int = 15
+    inner: int = 3
+
+
+def _targets(dfa: float | None) -> dict[str, float]:
+    t = dict.fromkeys(FA_FAMILY, 1.05)
+    t["brsf"] = 1.15
+    if dfa is not None:
+        t["dfa"] = dfa
+    return t
+
+
+CASES: dict[str, Case] = {
+    c.name: c
+    for c in (
+        Case(
+            "mlp",
+            "MLP 784-1024-1024-10 (ReLU), batch 256",
+            lambda: mlp([784, 1024, 1024, 10]),
+            (784,),
+            256,
+            ALL_RULES,
+            _targets(None),
+        ),
+        Case(
+            "cnn",
+            "small CNN (conv32-conv64-fc256-fc10) on 3x32x32, batch 128",
+            small_cnn,
+            (3, 32, 32),
+            128,
+            ALL_RULES,
+            _targets(1.0),
+        ),
+        Case(
+            "resnet20",
+            "CIFAR ResNet-20 on 3x32x32, batch 128",
+            lambda: library_model("resnet20", (3, 32, 32), 10),
+            (3, 32, 32),
+            128,
+            ALL_RULES,
+            _targets(1.0),
+            reps=8,
+            inner=2,
+        ),
+        Case(
+            "dfa_mlp",
+            "tanh MLP 784-8x1024-10, batch 256",
+            lambda: mlp([784] + [1024] * 8 + [10], act=nn.Tanh),
+            (784,),
+            256,
+            ("bp", "fa", "dfa"),
+            {"dfa": 0.8},
+        ),
+    )
+}
+
+
+def _convert(model: nn.Module, rule: str, x: torch.Tensor) -> nn.Module:
+    if biograd.get_rule(rule).direct:
+        return biograd.convert(model, rule, seed=0, example_input=x[:2])
+    return biograd.convert(model, rule, seed=0)
+
+
+def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Time and measure every rule of ``case``; return one JSON-able record."""
+    batch = max(2, case.batch // 8) if args.quick else case.batch
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, *case.in_shape), generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    torch.manual_seed(0)
+    base_model = case.build().to(device)
+
+    rules = [r for r in case.rules if args.rules is None or r in args.rules or r == BASE]
+    trainees: list[Trainee] = []
+    for label in [BASE, CONVERTED_BP, *[r for r in rules if r != BASE]]:
+        model = copy.deepcopy(base_model)
+        if label != BASE:
+            model = _convert(model, label.split()[0], x)
+        rule = biograd.get_rule(label.split()[0])
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+        trainees.append(
+            Trainee(label, model, opt, needs_targets=getattr(rule, "needs_targets", False))
+        )
+
+    memory: dict[str, dict[str, int]] = {}
+    for t in trainees:
+        train_step(t, x, y)  # creates gradients and optimizer state
+        mem = {"persistent": persistent_bytes(t.model, t.optimizer)}
+        if device.type == "cuda":
+            mem["step_peak"] = cuda_peak_bytes(t, x, y)
+        else:
+            mem["saved"] = saved_tensor_bytes(t, x, y)
+        memory[t.label] = mem
+
+    reps = args.reps or (2 if args.quick else case.reps)
+    inner = args.inner or (1 if args.quick else case.inner)
+    warmup = 1 if args.quick else args.warmup
+
+    def progress(rep: int) -> None:
+        print(f"  {case.name}: repetition {rep + 1}/{reps}", file=sys.stderr, flush=True)
+
+    interleaved_times(trainees, x, y, warmup=warmup, reps=reps, inner=inner, on_rep=progress)
+
+    base = trainees[0]
+    rows = []
+    for t in trainees:
+        stats = ratio_stats(t, base, args.clock)
+        target = case.targets.get(t.label)
+        rows.append(
+            {
+                "rule": t.label,
+                "median_ms": 1e3 * statistics.median(t.times[args.clock]),
+                "wall_ms": 1e3 * statistics.median(t.times["wall"]),
+                "cpu_ms": 1e3 * statistics.median(t.times["cpu"]),
+                "wall_ratio": ratio_stats(t, base, "wall")["ratio"],
+                **stats,
+                "target": target,
+                "met": None if target is None else stats["ratio"] <= target,
+                "steps": len(t.times["wall"]),
+                **{f"{k}_bytes": v for k, v in memory[t.label].items()},
+            }
+        )
+    return {
+        "case": case.name,
+        "title": case.title,
+        "batch": batch,
+        "reps": reps,
+        "inner": inner,
+        "warmup": warmup,
+        "clock": args.clock,
+        "rows": rows,
+    }
+
+
+def markdown(results: list[dict[str, Any]], info: dict[str, Any], device: torch.device) -> str:
+    """The results as markdown tables, one per network."""
+    mem_col = "step peak MiB" if device.type == "cuda" else "saved for backward MiB"
+    lines = [
+        f"Machine: {info['cpu']} ({info['cores']} cores), torch {info['torch']}, "
+        f"{info['threads']} thread(s), device {device}"
+        + (f" ({info['gpu']})" if device.type == "cuda" and "gpu" in info else "")
+        + f"; {info['date_utc']}.",
+        "",
+    ]
+    for res in results:
+        lines += [
+            f"**{res['title']}** (batch {res['batch']}; {res['reps']} repetitions x "
+            f"{res['inner']} steps per rule, {res['warmup']} warm-up; {res['clock']} time)",
+            "",
+            f"| rule | median step ms | x bp | p10-p90 of x bp | target | met | x bp (wall) "
+            f"| {mem_col} | params+grads+state MiB |",
+            "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+        ]
+        for r in res["rows"]:
+            target = "" if r["target"] is None else f"<= {r['target']:.2f}"
+            met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+            mem = r.get("step_peak_bytes", r.get("saved_bytes", 0))
+            lines.append(
+                f"| {r['rule']} | {r['median_ms']:.1f} | {r['ratio']:.3f} | "
+                f"{r['ratio_p10']:.3f}-{r['ratio_p90']:.3f} | {target} | {met} | "
+                f"{r['wall_ratio']:.3f} | {mib(mem)} "
+                f"| {mib(r['persistent_bytes'])} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES)
+    )
+    parser.add_argument(
+        "--rules", default=None, help="comma-separated subset of rules (bp is always run)"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--reps", type=int, default=0, help="repetitions (default: per case)")
+    parser.add_argument("--inner", type=int, default=0, help="timed steps per rule and repetition")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default=None,
+        help="time the ratios use (default: cpu time on the CPU with 1 thread, else wall)",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: batch/8, 2 repetitions")
+    parser.add_argument("--out", type=Path, default=None, help="directory for step_time.{md,json}")
+    args = parser.parse_args(argv)
+    args.rules = None if args.rules is None else set(args.rules.split(","))
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # denormals would slow some rules' steps for numeric reasons
+    device = torch.device(args.device)
+    if args.clock is None:
+        args.clock = "cpu" if device.type == "cpu" and args.threads == 1 else "wall"
+    info = machine()
+    info["flush_denormal"] = True
+
+    results = []
+    for name in args.cases.split(","):
+        if name not in CASES:
+            parser.error(f"unknown case {name!r}; choose from {', '.join(CASES)}")
+        print(f"{name}: {CASES[name].title}", file=sys.stderr, flush=True)
+        try:
+            results.append(run_case(CASES[name], args, device))
+        except RuntimeError as exc:
+            if "build_model" not in str(exc):
+                raise
+            print(f"  skipped: {exc}", file=sys.stderr)
+    text = markdown(results, info, device)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "step_time.md").write_text(text + "\n")
+        record = {"machine": info, "device": str(device), "argv": sys.argv, "results": results}
+        (args.out / "step_time.json").write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
