@@ -1,0 +1,240 @@
+"""The model zoo, without torchvision: ``build_model(name, in_shape=..., classes=..., **options)``.
+
+Every model is a plain tree of ``nn.Linear``, ``nn.Conv2d``, batch norm, pooling and activation
+modules, so ``biograd.convert`` puts any of them on any rule. See docs/models.md for the papers,
+shapes and parameter counts.
+
+>>> from biograd.models import build_model
+>>> net = build_model("resnet20", in_shape=(3, 32, 32), classes=10, init="xavier")
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError
+from .common import ACTIVATIONS, INITS, activation, init_weights
+from .convnets import LaunayCNN, LeNet
+from .mlp import MLP, LaunayFC
+from .resnet import (
+    CIFAR_DEPTHS,
+    BasicBlock,
+    Bottleneck,
+    CifarResNet,
+    PadShortcut,
+    ResNet,
+    zero_init_residual,
+)
+
+
+def _mlp(
+    in_shape: Sequence[int],
+    classes: int,
+    *,
+    widths: Sequence[int] = (256, 256),
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+) -> nn.Module:
+    return MLP(
+        in_shape, classes, widths=widths, activation=activation, negative_slope=negative_slope,
+        batch_norm=batch_norm, dropout=dropout,
+    )  # fmt: skip
+
+
+def _lenet(
+    in_shape: Sequence[int],
+    classes: int,
+    *,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    pool: str = "max",
+    pad_to: int = 32,
+) -> nn.Module:
+    return LeNet(
+        in_shape, classes, activation=activation, negative_slope=negative_slope, pool=pool,
+        pad_to=pad_to,
+    )  # fmt: skip
+
+
+def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:
+    def build(
+        in_shape: Sequence[int],
+        classes: int,
+        *,
+        shortcut: str = "A",
+        zero_init_residual: bool = False,
+    ) -> nn.Module:
+        model = CifarResNet(depth, in_shape, classes, shortcut=shortcut)
+        return _zero_init(model) if zero_init_residual else model
+
+    build.__name__ = f"_resnet{depth}"
+    return build
+
+
+def _zero_init(model: nn.Module) -> nn.Module:
+    return zero_init_residual(model)
+
+
+def _resnet18(
+    in_shape: Sequence[int], classes: int, *, zero_init_residual: bool = False
+) -> nn.Module:
+    model = ResNet(BasicBlock, (2, 2, 2, 2), in_shape, classes)
+    return _zero_init(model) if zero_init_residual else model
+
+
+def _resnet50(
+    in_shape: Sequence[int],
+    classes: int,
+    *,
+    stride_in_1x1: bool = False,
+    zero_init_residual: bool = False,
+) -> nn.Module:
+    model = ResNet(Bottleneck, (3, 4, 6, 3), in_shape, classes, stride_in_1x1=stride_in_1x1)
+    return _zero_init(model) if zero_init_residual else model
+
+
+def _launay_fc(
+    in_shape: Sequence[int],
+    classes: int,
+    *,
+    widths: Sequence[int] = (800, 800, 800),
+    activation: str = "tanh",
+    negative_slope: float = 0.01,
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+    input_dropout: float = 0.0,
+) -> nn.Module:
+    return LaunayFC(
+        in_shape, classes, widths=widths, activation=activation, negative_slope=negative_slope,
+        batch_norm=batch_norm, dropout=dropout, input_dropout=input_dropout,
+    )  # fmt: skip
+
+
+def _launay_cnn(
+    in_shape: Sequence[int],
+    classes: int,
+    *,
+    channels: Sequence[int] = (32, 64, 64),
+    hidden: int = 128,
+    activation: str = "tanh",
+    negative_slope: float = 0.01,
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+    conv_dropout: float = 0.0,
+    input_dropout: float = 0.0,
+) -> nn.Module:
+    return LaunayCNN(
+        in_shape, classes, channels=channels, hidden=hidden, activation=activation,
+        negative_slope=negative_slope, batch_norm=batch_norm, dropout=dropout,
+        conv_dropout=conv_dropout, input_dropout=input_dropout,
+    )  # fmt: skip
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": _mlp,
+    "lenet": _lenet,
+    **{f"resnet{d}": _cifar_resnet(d) for d in CIFAR_DEPTHS},
+    "resnet18": _resnet18,
+    "resnet50": _resnet50,
+    "launay_fc": _launay_fc,
+    "launay_cnn": _launay_cnn,
+}
+
+DEFAULT_SHAPES: dict[str, tuple[int, ...]] = {
+    "mlp": (1, 28, 28),
+    "lenet": (1, 28, 28),
+    **{f"resnet{d}": (3, 32, 32) for d in CIFAR_DEPTHS},
+    "resnet18": (3, 224, 224),
+    "resnet50": (3, 224, 224),
+    "launay_fc": (3, 32, 32),
+    "launay_cnn": (3, 32, 32),
+}
+"""The input shape each model is built for when ``in_shape`` is not given."""
+
+MODELS: tuple[str, ...] = tuple(_BUILDERS)
+"""Names accepted by :func:`build_model`."""
+
+
+def _check_name(name: str) -> Callable[..., nn.Module]:
+    if name not in _BUILDERS:
+        close = difflib.get_close_matches(name, MODELS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown model {name!r}{hint}; choose one of {', '.join(MODELS)}")
+    return _BUILDERS[name]
+
+
+def model_options(name: str) -> dict[str, Any]:
+    """The options :func:`build_model` accepts for model ``name`` besides ``in_shape`` and
+    ``classes``, with their defaults (``init`` included)."""
+    params = inspect.signature(_check_name(name)).parameters
+    options = {
+        p.name: p.default for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    return {**options, "init": "default"}
+
+
+def build_model(
+    name: str,
+    *,
+    in_shape: Sequence[int] | None = None,
+    classes: int = 10,
+    init: str = "default",
+    **options: Any,
+) -> nn.Module:
+    """Build model ``name`` (one of :data:`MODELS`) for inputs of shape ``in_shape`` (one sample,
+    e.g. ``(C, H, W)``; default :data:`DEFAULT_SHAPES`) and ``classes`` outputs.
+
+    ``init`` is one of :data:`biograd.models.common.INITS`; ``options`` are the model's own
+    (:func:`model_options` lists them with their defaults). The model is returned in training
+    mode on the CPU with float32 parameters.
+
+    Raises:
+        ConfigError: an unknown model or option (naming the closest valid one), or an invalid
+            value (activation, dropout, depth, an input too small for the model).
+    """
+    builder = _check_name(name)
+    valid = model_options(name)
+    for key in options:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"unknown option {key!r} for model {name!r}{hint}; valid: {', '.join(valid)}"
+            )
+    if init not in INITS:
+        raise ConfigError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    if int(classes) < 1:
+        raise ConfigError(f"classes must be a positive integer, got {classes}")
+    shape = DEFAULT_SHAPES[name] if in_shape is None else tuple(int(s) for s in in_shape)
+    model = builder(shape, int(classes), **options)
+    return init_weights(model, init)
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "CIFAR_DEPTHS",
+    "DEFAULT_SHAPES",
+    "INITS",
+    "MLP",
+    "MODELS",
+    "BasicBlock",
+    "Bottleneck",
+    "CifarResNet",
+    "LaunayCNN",
+    "LaunayFC",
+    "LeNet",
+    "PadShortcut",
+    "ResNet",
+    "activation",
+    "build_model",
+    "init_weights",
+    "model_options",
+    "zero_init_residual",
+]
