@@ -57,14 +57,14 @@ class Augment:
         n, c, h, w = x.shape
         if self.crop_padding > 0:
             p = self.crop_padding
-            padded = F.pad(x, (p, p, p, p))
+            padded = F.pad(x, (p, p, p, p)).reshape(n, c, -1)
+            stride = w + 2 * p
             dy = torch.randint(0, 2 * p + 1, (n, 1), generator=generator).to(x.device)
             dx = torch.randint(0, 2 * p + 1, (n, 1), generator=generator).to(x.device)
-            rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
-            cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
-            batch = torch.arange(n, device=x.device)[:, None, None, None]
-            chans = torch.arange(c, device=x.device)[None, :, None, None]
-            x = padded[batch, chans, rows, cols]
+            rows = torch.arange(h, device=x.device)[:, None] * stride
+            window = (rows + torch.arange(w, device=x.device)).reshape(1, -1)
+            index = (dy * stride + dx + window)[:, None, :].expand(n, c, h * w)
+            x = padded.gather(2, index).reshape(n, c, h, w)
         if self.hflip:
             flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
