@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,8 +90,9 @@ def _convertible(name: str, module: nn.Module, parents: dict[str, nn.Module]) ->
     """None if ``module`` can be converted, else why not."""
     if not isinstance(module, CONVERTIBLE):
         return "not a Linear or Conv layer"
-    if type(module).forward not in _STOCK_FORWARD:
-        return f"{type(module).__name__} overrides forward"
+    cls = original_class(module) if isinstance(module, FeedbackLayer) else type(module)
+    if cls.forward not in _STOCK_FORWARD:
+        return f"{cls.__name__} overrides forward"
     parent = parents.get(name.rpartition(".")[0])
     if isinstance(parent, nn.MultiheadAttention):
         return "used inside MultiheadAttention's fused kernel (exact)"
@@ -147,22 +149,39 @@ def convert(
         get_rule(name)
     if scale not in SCALES:
         raise ValueError(f"unknown feedback scale {scale!r}; choose one of {', '.join(SCALES)}")
-    _unconvert(model)
 
     parents = dict(model.named_modules())
     plan: dict[str, str] = {}
+    excluded: list[str] = []
     for name, module in model.named_modules():
-        if _convertible(name, module, parents) is None and not match(name, exclude):
-            plan[name] = match(name, overrides) or main.name
+        if _convertible(name, module, parents) is None:
+            if match(name, exclude):
+                excluded.append(name)
+            else:
+                plan[name] = match(name, overrides) or main.name
     if not plan:
         raise ValueError(
             f"nothing to convert in {type(model).__name__}: biograd converts nn.Linear and "
             "nn.Conv1d/2d/3d layers (after exclude)"
         )
+    for what, patterns in (("overrides", list(overrides or ())), ("exclude", list(exclude or ()))):
+        for pattern in patterns:
+            if not any(match(n, [pattern]) for n in [*plan, *excluded]):
+                warnings.warn(
+                    f"biograd.convert: {what} pattern {pattern!r} matches no convertible layer "
+                    f"(layers: {', '.join([*plan, *excluded])})",
+                    stacklevel=2,
+                )
     direct = {r for r in plan.values() if get_rule(r).direct}
     if len(direct) > 1:
         raise ValueError(f"one model can use one direct rule at a time, got {sorted(direct)}")
+    if direct and output is not None and output not in plan:
+        raise ValueError(
+            f"output layer {output!r} is not a converted layer; converted: {', '.join(plan)}"
+        )
 
+    _unconvert(model)
+    _state(model)["excluded"] = excluded
     for name, rule_name in plan.items():
         layer = parents[name]
         r = get_rule(rule_name)
@@ -219,6 +238,8 @@ def conversion_report(model: nn.Module) -> ConversionReport:
             own_params and not isinstance(module, FeedbackLayer)
         ):
             why = _convertible(name, module, parents) if isinstance(module, CONVERTIBLE) else None
+            if name in _state(model).get("excluded", ()):
+                why = f"{type(module).__name__} (excluded)"
             report.exact[name or "<root>"] = why or f"{type(module).__name__} (autograd)"
     report.feedback_points = list(_state(model).get("points", []))
     return report
