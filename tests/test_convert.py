@@ -145,7 +145,7 @@ def test_trains_end_to_end_and_b_equal_w_is_backprop(model_name: str, rule: str)
 
 
 def test_report_lists_exact_layers() -> None:
-    model, x = _make("rescnn")
+    model, _ = _make("rescnn")
     biograd.convert(model, "fa")
     report = biograd.conversion_report(model)
     assert report.converted["heads.fc"] == "fa"
@@ -156,7 +156,7 @@ def test_report_lists_exact_layers() -> None:
     text = str(report)
     assert "heads.fc" in text and "BatchNorm2d" in text and "AdaptiveAvgPool2d" in text
 
-    model, x = _make("transformer")
+    model, _ = _make("transformer")
     biograd.convert(model, "fa")
     report = biograd.conversion_report(model)
     assert set(report.converted) == {"mlp.0", "mlp.2", "head"}
@@ -164,7 +164,7 @@ def test_report_lists_exact_layers() -> None:
     assert "attn" in report.exact and "embed" in report.exact and "norm1" in report.exact
     assert not isinstance(model.attn.out_proj, FeedbackLayer)
 
-    model, _x = _make("conv1d")
+    model, _ = _make("conv1d")
     biograd.convert(model, "fa")
     assert "features.2" in biograd.conversion_report(model).exact  # MaxPool1d
 
