@@ -421,7 +421,16 @@ def test_download_cifar_archive(
     root = tmp_path / "data"
     test = load_dataset("cifar10", root=root, split="test", download=True, mirror=url)
     assert torch.equal(test.y, torch.tensor(written["test_batch"][b"labels"]))
-    assert (root / "cifar10" / "cifar-10-batches-py" / "data_batch_5").is_file()
+    batches = root / "cifar10" / "cifar-10-batches-py"
+    assert (batches / "data_batch_5").is_file()
+    # With download allowed, a damaged batch is restored from the archive.
+    (batches / "test_batch").write_bytes(b"damaged")
+    again = load_dataset("cifar10", root=root, split="test", download=True, mirror=url)
+    assert isinstance(again, ImageDataset) and isinstance(test, ImageDataset)
+    assert torch.equal(again.x, test.x)
+    (batches / "test_batch").write_bytes(b"damaged")
+    with pytest.raises(DataError, match="test_batch"):
+        load_dataset("cifar10", root=root, split="test")
 
 
 # --- image folders ----------------------------------------------------------------------------

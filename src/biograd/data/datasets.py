@@ -21,7 +21,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from biograd.data.files import Remote, default_root, fetch_verified, fix_hint, locate, verify
+from biograd.data.files import (
+    Remote,
+    default_root,
+    fetch_verified,
+    fix_hint,
+    locate,
+    md5sum,
+    verify,
+)
 from biograd.data.imagefolder import ImageFolder
 from biograd.errors import DataError
 
@@ -357,10 +365,13 @@ def _cifar_folder(
     mirror: str | None,
 ) -> Path:
     """The unpacked batch folder holding ``members``, unpacking (and with ``download``, fetching)
-    the official archive when no such folder exists yet."""
+    the official archive when no such folder exists yet, or, with ``download``, when a batch in it
+    has the wrong md5."""
     for parent in (root / name, root):
         folder = parent / spec.folder
-        if all((folder / m).is_file() for m in members):
+        if all((folder / m).is_file() for m in members) and (
+            not download or all(md5sum(folder / m) == md5 for m, md5 in members.items())
+        ):
             return folder
     (archive_name,) = spec.remote.files
     if locate(root, name, archive_name) is None and not download:

@@ -75,6 +75,12 @@ class Augment:
         return x
 
 
+def _available_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """A CPU generator seeded from ``(seed, epoch)`` by numpy's SeedSequence, so nearby seeds and
     epochs give unrelated streams."""
@@ -119,7 +125,7 @@ class Loader:
         self.seed = seed
         self.augment = augment
         self.device = torch.device(device) if device is not None else None
-        self.workers = workers if workers is not None else min(8, len(os.sched_getaffinity(0)))
+        self.workers = workers if workers is not None else min(8, _available_cores())
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
