@@ -11,6 +11,7 @@ shapes and parameter counts.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,130 +22,39 @@ from ..errors import ConfigError
 from .common import ACTIVATIONS, INITS, activation, init_weights
 from .convnets import LaunayCNN, LeNet
 from .mlp import MLP, LaunayFC
-from .resnet import (
-    CIFAR_DEPTHS,
-    BasicBlock,
-    Bottleneck,
-    CifarResNet,
-    PadShortcut,
-    ResNet,
-    zero_init_residual,
-)
-
-
-def _mlp(
-    in_shape: Sequence[int],
-    classes: int,
-    *,
-    widths: Sequence[int] = (256, 256),
-    activation: str = "relu",
-    negative_slope: float = 0.01,
-    batch_norm: bool = False,
-    dropout: float = 0.0,
-) -> nn.Module:
-    return MLP(
-        in_shape, classes, widths=widths, activation=activation, negative_slope=negative_slope,
-        batch_norm=batch_norm, dropout=dropout,
-    )  # fmt: skip
-
-
-def _lenet(
-    in_shape: Sequence[int],
-    classes: int,
-    *,
-    activation: str = "relu",
-    negative_slope: float = 0.01,
-    pool: str = "max",
-    pad_to: int = 32,
-) -> nn.Module:
-    return LeNet(
-        in_shape, classes, activation=activation, negative_slope=negative_slope, pool=pool,
-        pad_to=pad_to,
-    )  # fmt: skip
-
-
-def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:
-    def build(
-        in_shape: Sequence[int],
-        classes: int,
-        *,
-        shortcut: str = "A",
-        zero_init_residual: bool = False,
-    ) -> nn.Module:
-        model = CifarResNet(depth, in_shape, classes, shortcut=shortcut)
-        return _zero_init(model) if zero_init_residual else model
-
-    build.__name__ = f"_resnet{depth}"
-    return build
-
-
-def _zero_init(model: nn.Module) -> nn.Module:
-    return zero_init_residual(model)
+from .resnet import CIFAR_DEPTHS, BasicBlock, Bottleneck, CifarResNet, PadShortcut, ResNet
 
 
 def _resnet18(
-    in_shape: Sequence[int], classes: int, *, zero_init_residual: bool = False
+    in_shape: Sequence[int], classes: int = 10, *, zero_init_residual: bool = False
 ) -> nn.Module:
-    model = ResNet(BasicBlock, (2, 2, 2, 2), in_shape, classes)
-    return _zero_init(model) if zero_init_residual else model
+    return ResNet(
+        BasicBlock, (2, 2, 2, 2), in_shape, classes, zero_init_residual=zero_init_residual
+    )
 
 
 def _resnet50(
     in_shape: Sequence[int],
-    classes: int,
+    classes: int = 10,
     *,
     stride_in_1x1: bool = False,
     zero_init_residual: bool = False,
 ) -> nn.Module:
-    model = ResNet(Bottleneck, (3, 4, 6, 3), in_shape, classes, stride_in_1x1=stride_in_1x1)
-    return _zero_init(model) if zero_init_residual else model
-
-
-def _launay_fc(
-    in_shape: Sequence[int],
-    classes: int,
-    *,
-    widths: Sequence[int] = (800, 800, 800),
-    activation: str = "tanh",
-    negative_slope: float = 0.01,
-    batch_norm: bool = False,
-    dropout: float = 0.0,
-    input_dropout: float = 0.0,
-) -> nn.Module:
-    return LaunayFC(
-        in_shape, classes, widths=widths, activation=activation, negative_slope=negative_slope,
-        batch_norm=batch_norm, dropout=dropout, input_dropout=input_dropout,
+    return ResNet(
+        Bottleneck, (3, 4, 6, 3), in_shape, classes, stride_in_1x1=stride_in_1x1,
+        zero_init_residual=zero_init_residual,
     )  # fmt: skip
 
 
-def _launay_cnn(
-    in_shape: Sequence[int],
-    classes: int,
-    *,
-    channels: Sequence[int] = (32, 64, 64),
-    hidden: int = 128,
-    activation: str = "tanh",
-    negative_slope: float = 0.01,
-    batch_norm: bool = False,
-    dropout: float = 0.0,
-    conv_dropout: float = 0.0,
-    input_dropout: float = 0.0,
-) -> nn.Module:
-    return LaunayCNN(
-        in_shape, classes, channels=channels, hidden=hidden, activation=activation,
-        negative_slope=negative_slope, batch_norm=batch_norm, dropout=dropout,
-        conv_dropout=conv_dropout, input_dropout=input_dropout,
-    )  # fmt: skip
-
-
+# Each builder takes (in_shape, classes, *, options); its keyword-only parameters are the options.
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "mlp": _mlp,
-    "lenet": _lenet,
-    **{f"resnet{d}": _cifar_resnet(d) for d in CIFAR_DEPTHS},
+    "mlp": MLP,
+    "lenet": LeNet,
+    **{f"resnet{d}": functools.partial(CifarResNet, d) for d in CIFAR_DEPTHS},
     "resnet18": _resnet18,
     "resnet50": _resnet50,
-    "launay_fc": _launay_fc,
-    "launay_cnn": _launay_cnn,
+    "launay_fc": LaunayFC,
+    "launay_cnn": LaunayCNN,
 }
 
 DEFAULT_SHAPES: dict[str, tuple[int, ...]] = {
@@ -236,5 +146,4 @@ __all__ = [
     "build_model",
     "init_weights",
     "model_options",
-    "zero_init_residual",
 ]

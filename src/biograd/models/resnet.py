@@ -127,11 +127,19 @@ class CifarResNet(nn.Module):
         in_shape: ``(C, H, W)``; any size (the pooling is global).
         classes: number of outputs.
         shortcut: ``"A"`` (zero-padded identity, the paper's CIFAR choice; ResNet-20 has
-            272,474 parameters) or ``"B"`` (1x1 projections where the shape changes).
+            269,722 parameters) or ``"B"`` (1x1 projections where the shape changes; 272,474).
+        zero_init_residual: start every block as the identity (Goyal et al. 2017, §5.1: the last
+            batch-norm weight of each block is 0).
     """
 
     def __init__(
-        self, depth: int, in_shape: Sequence[int], classes: int = 10, *, shortcut: str = "A"
+        self,
+        depth: int,
+        in_shape: Sequence[int],
+        classes: int = 10,
+        *,
+        shortcut: str = "A",
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         c, _, _ = image_shape(f"resnet{depth}", in_shape)
@@ -154,6 +162,8 @@ class CifarResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(64, classes)
+        if zero_init_residual:
+            _zero_init_residual(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -173,6 +183,8 @@ class ResNet(nn.Module):
         in_shape: ``(C, H, W)``; any size of at least 1x1 (224x224 in the paper).
         classes: number of outputs.
         stride_in_1x1: Bottleneck only, see :class:`Bottleneck`.
+        zero_init_residual: start every block as the identity (Goyal et al. 2017, §5.1: the last
+            batch-norm weight of each block is 0).
     """
 
     def __init__(
@@ -183,6 +195,7 @@ class ResNet(nn.Module):
         classes: int = 1000,
         *,
         stride_in_1x1: bool = False,
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         c, _, _ = image_shape("resnet", in_shape)
@@ -205,6 +218,8 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(width, classes)
+        if zero_init_residual:
+            _zero_init_residual(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -213,9 +228,8 @@ class ResNet(nn.Module):
         return out
 
 
-def zero_init_residual(model: nn.Module) -> nn.Module:
-    """Set the last batch-norm weight of every residual block to zero, so that each block
-    starts as the identity (Goyal et al. 2017, §5.1); returns ``model``."""
+def _zero_init_residual(model: nn.Module) -> nn.Module:
+    """Set the last batch-norm weight of every residual block of ``model`` to zero."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, Bottleneck):
