@@ -1,0 +1,172 @@
+"""The ``biograd`` command: compare rules, train from a config, reproduce a paper, report a run.
+
+Every error a user can cause ends with one line on stderr (``biograd: error: ...``) and exit
+status 2; an interrupted run exits with 130 and can be continued with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import BiogradError, ConfigError
+
+COMPARE_RULES = "bp,fa,usf,frsf,brsf,kp,dfa"
+
+# The demo's defaults (`biograd compare` with no options): an MLP on the embedded digits that
+# trains every rule well above chance in about a minute on two CPU cores.
+COMPARE_DEFAULTS: dict[str, Any] = {
+    "data": {"name": "digits", "batch_size": 32},
+    "model": {"name": "mlp", "widths": [128, 128]},
+    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    "alignment": {"every": 45},
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="biograd", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compare", help="train several rules on one task and compare them")
+    c.add_argument("--data", default="digits", help="data set (default: digits, embedded)")
+    c.add_argument("--model", default="mlp", help="model (default: mlp)")
+    c.add_argument(
+        "--rules", default=COMPARE_RULES, help=f"comma-separated (default: {COMPARE_RULES})"
+    )
+    c.add_argument("--epochs", type=int, default=20, help="epochs per run (default: 20)")
+    c.add_argument("--seeds", type=int, default=3, help="seeds per rule (default: 3)")
+    c.add_argument("--out", default="runs/compare", help="run directory (default: runs/compare)")
+    c.add_argument("--data-dir", help="directory of the data files (mnist, cifar10, ...)")
+    c.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. device=cuda"
+    )
+    c.set_defaults(func=_compare)
+
+    t = sub.add_parser("train", help="train the rules and seeds of a YAML config")
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.1 epochs=5")
+    t.add_argument("--resume", action="store_true", help="continue the run in the config's out")
+    t.set_defaults(func=_train)
+
+    r = sub.add_parser("reproduce", help="run (or resume) a paper's grid and compare with it")
+    r.add_argument("name", help="configs/<source>/<name>.yaml as source/name, name, or a path")
+    r.add_argument("--scale", choices=("smoke", "full"), default="full")
+    r.add_argument("--data-dir", help="directory of the data files")
+    r.add_argument("--out", help="output directory (default: runs/reproduce/<name>-<scale>)")
+    r.set_defaults(func=_reproduce)
+
+    rep = sub.add_parser("report", help="rebuild the table and plots of a run directory")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=_report)
+    return p
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _finish(run_dir: Path, title: str | None = None) -> None:
+    """Print the table, write results.md and the plots."""
+    from .experiment.plots import plot_alignment, plot_metrics
+    from .experiment.table import write_results
+
+    table = write_results(run_dir, title)
+    print(table)
+    plots = plot_metrics(run_dir / "metrics.csv", run_dir / "plots")
+    if (run_dir / "alignment.csv").exists():
+        plots += plot_alignment(run_dir / "alignment.csv", run_dir / "plots")
+    print(f"\nwrote {run_dir / 'results.md'}" + "".join(f"\n      {p}" for p in plots))
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .experiment.config import apply_overrides, validate
+    from .experiment.trainer import run
+
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    if args.epochs < 1 or args.seeds < 1:
+        raise ConfigError("--epochs and --seeds must be at least 1")
+    items: list[Any] = [
+        ("data.name", args.data),
+        ("model.name", args.model),
+        ("rules", rules),
+        ("epochs", args.epochs),
+        ("seeds", list(range(args.seeds))),
+        ("out", args.out),
+    ]
+    if args.data_dir:
+        items.append(("data.root", args.data_dir))
+    if args.model != "mlp":
+        items.append(("model", {"name": args.model}))
+    cfg = validate(apply_overrides(COMPARE_DEFAULTS, [*items, *args.overrides]))
+    out = Path(cfg.out or args.out)
+    run(cfg, out, resume=True, progress=_progress())
+    print()
+    _finish(out, f"biograd compare: {cfg.data.name}, {cfg.model.name}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .experiment.config import load_config
+    from .experiment.trainer import run
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(cfg.out or Path("runs") / Path(args.config).stem)
+    run(cfg, out, resume=args.resume, progress=_progress())
+    print()
+    _finish(out)
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from .experiment.runner import find_spec, reproduce
+
+    spec = find_spec(args.name)
+    out = Path(args.out or Path("runs") / "reproduce" / f"{spec.stem}-{args.scale}")
+    table = reproduce(spec, out, scale=args.scale, data_dir=args.data_dir, progress=_progress())
+    print()
+    print(table)
+    print(f"\nwrote {out / 'results.md'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .experiment.config import read_yaml
+    from .experiment.runner import Spec, write_grid_results
+
+    run_dir = Path(args.run_dir)
+    if (run_dir / "grid.yaml").exists():
+        grid = read_yaml(run_dir / "grid.yaml")
+        spec = Spec.model_validate(grid["spec"])
+        print(write_grid_results(run_dir, spec, str(grid["scale"])))
+        print(f"\nwrote {run_dir / 'results.md'}")
+        return 0
+    if not (run_dir / "metrics.csv").exists():
+        raise ConfigError(f"{run_dir} has no metrics.csv: not a biograd run directory")
+    _finish(run_dir)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``biograd`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except BiogradError as e:
+        print(f"biograd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("biograd: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Experiment configuration: YAML plus dotted ``key=value`` overrides, validated strictly.
+
+Every section forbids unknown keys; an unknown key names the closest valid one and a value of
+the wrong type names the expected type, both in one line (``ConfigError``). The ``model`` section
+is the exception: besides ``name`` it holds the model's keyword arguments, which the model's
+constructor checks when the run starts (``biograd.experiment.trainer.build``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import ConfigError
+
+
+def known_rule(name: str) -> str:
+    """``name`` if it is a registered rule, else ValueError naming the closest one."""
+    from ..rules import rule_names
+
+    names = rule_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown rule {name!r}; {hint}rules: {', '.join(names)}")
+    return name
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class AugmentConfig(Section):
+    """Batched augmentation of training images (``biograd.data.Augment``)."""
+
+    crop_padding: int = Field(default=0, ge=0)
+    hflip: bool = False
+    normalize: bool = True
+
+
+class DataConfig(Section):
+    """Which data set, where its files are, and how it is batched."""
+
+    name: str = "digits"
+    root: str | None = None
+    download: bool = False
+    batch_size: int = Field(default=32, gt=0)
+    test_batch_size: int = Field(default=1000, gt=0)
+    augment: AugmentConfig = AugmentConfig()
+    subset: int | None = Field(default=None, gt=0, description="train on this many random examples")
+    test_subset: int | None = Field(
+        default=None, gt=0, description="test on this many random examples"
+    )
+
+
+class ModelConfig(BaseModel):
+    """``name`` from ``biograd.models.MODELS``; every other key is a keyword argument of the
+    model (e.g. ``widths``, ``activation`` for ``mlp``), checked when the model is built."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "mlp"
+
+    def kwargs(self) -> dict[str, Any]:
+        """The model's keyword arguments (every key but ``name``)."""
+        return dict(self.model_extra or {})
+
+
+class RuleConfig(Section):
+    """Arguments of ``biograd.convert`` (see its docstring)."""
+
+    name: str = "bp"
+    seed: int | None = Field(default=None, description="feedback seed; default: the run's seed")
+    overrides: dict[str, str] = {}
+    exclude: list[str] = []
+    scale: str = "xavier"
+    output: str | None = None
+    layout: str = "dense"
+    norm: str = "launay"
+
+    @field_validator("name")
+    @classmethod
+    def _known_rule(cls, name: str) -> str:
+        return known_rule(name)
+
+
+class OptimConfig(Section):
+    """The optimizer and the wrappers of ``biograd.optim``: ``manhattan`` steps on the sign of
+    the gradient (Batch Manhattan, Liao et al. 2016), ``no_sign_change`` keeps every weight's
+    sign (Liao et al. 2016), ``weight_norm`` holds each forward weight at its initial norm
+    (Moskovitz et al. 2018)."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.9, ge=0)
+    nesterov: bool = False
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    manhattan: bool = False
+    no_sign_change: bool = False
+    weight_norm: bool = False
+
+
+class ScheduleConfig(Section):
+    """Learning-rate schedule, stepped once per epoch: ``multistep`` multiplies the rate by
+    ``gamma`` at each epoch in ``milestones``; ``cosine`` anneals it to 0 over ``epochs``."""
+
+    name: Literal["none", "multistep", "cosine"] = "none"
+    milestones: list[int] = []
+    gamma: float = Field(default=0.1, gt=0)
+
+
+class AlignmentConfig(Section):
+    """Measure weight and gradient alignment with backprop every ``every`` training steps
+    (0: never)."""
+
+    every: int = Field(default=0, ge=0)
+
+
+class Config(Section):
+    """One experiment: every (rule, seed) pair of ``rules`` x ``seeds`` is trained with the same
+    data, model, optimizer and schedule."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    rule: RuleConfig = RuleConfig()
+    rules: list[str] | None = Field(default=None, description="rules to run; default: [rule.name]")
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    epochs: int = Field(default=10, gt=0)
+    seeds: list[int] = [0]
+    deterministic: bool = False
+    alignment: AlignmentConfig = AlignmentConfig()
+    tensorboard: bool = False
+    device: str = "cpu"
+    out: str | None = None
+
+    @field_validator("rules")
+    @classmethod
+    def _known_rules(cls, rules: list[str] | None) -> list[str] | None:
+        if rules is not None:
+            if not rules:
+                raise ValueError("rules must name at least one rule")
+            for r in rules:
+                known_rule(r)
+        return rules
+
+    @field_validator("seeds")
+    @classmethod
+    def _some_seeds(cls, seeds: list[int]) -> list[int]:
+        if not seeds:
+            raise ValueError("seeds must hold at least one seed")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds repeat: {seeds}")
+        return seeds
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ValueError(
+                f"not a torch device: {device!r} (e.g. cpu, cuda, cuda:1, mps)"
+            ) from None
+        return device
+
+    def run_rules(self) -> list[str]:
+        """The rules this config runs."""
+        return list(self.rules) if self.rules else [self.rule.name]
+
+
+def config_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every valid dotted key of the schema, sections included (``optim``, ``optim.lr``, ...)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        keys.append(key)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(config_keys(ann, key + "."))
+    return keys
+
+
+def _closest(key: str) -> str:
+    """A hint for an unknown key: the closest key of the same section, else a key of another
+    section with a (nearly) identical last part, else the valid keys of the section."""
+    keys = config_keys()
+    section, _, leaf = key.rpartition(".")
+    siblings = [k for k in keys if k.rpartition(".")[0] == section]
+    near = difflib.get_close_matches(leaf, [k.rpartition(".")[2] for k in siblings], n=1)
+    if near:
+        return f"; did you mean {(section + '.' if section else '') + near[0]!r}?"
+    by_leaf = {k.rpartition(".")[2]: k for k in keys}
+    near = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.8)
+    if near:
+        return f"; did you mean {by_leaf[near[0]]!r}?"
+    return f"; valid keys here: {', '.join(k.rpartition('.')[2] for k in siblings)}"
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown config key {key!r}{_closest(key)}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "value_error":
+        return f"{key}: {msg}"
+    return f"{key}: {msg} (got {err['input']!r})"
+
+
+def validate(data: Mapping[str, Any]) -> Config:
+    """A ``Config`` from plain data; ``ConfigError`` in one line otherwise."""
+    try:
+        return Config.model_validate(dict(data))
+    except ValidationError as e:
+        raise ConfigError("; ".join(_describe(err) for err in e.errors())) from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"optim.lr=0.1"`` -> ``("optim.lr", 0.1)``; the value is read as YAML."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.1)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str | tuple[str, Any]]) -> dict:
+    """A deep copy of ``data`` with dotted overrides applied (``model.widths=[64,64]``)."""
+    out = _copy(data)
+    for item in overrides:
+        key, value = parse_override(item) if isinstance(item, str) else item
+        node = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"override {key!r}: {where!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {str(k): _copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_copy(v) for v in data]
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; ``ConfigError`` for a missing file or bad YAML."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read ``path`` (YAML; ``None``: the defaults), apply ``overrides``, validate."""
+    data = read_yaml(path) if path is not None else {}
+    return validate(apply_overrides(data, overrides))
+
+
+def dump(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data (what ``config.yaml`` holds)."""
+    data: dict[str, Any] = cfg.model_dump(mode="json")
+    return data
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(dump(cfg), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,117 @@
+"""The results table of a run directory, rebuilt from ``metrics.csv`` and ``alignment.csv`` alone:
+per rule, the final test accuracy (mean ± sample std over seeds), the final gradient-alignment
+angle of each layer with backprop (mean over seeds), and the training time per epoch."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .trainer import read_rows
+
+
+@dataclass
+class RuleSummary:
+    """What one rule reached over its seeds."""
+
+    rule: str
+    seeds: list[int]
+    epochs: int
+    test_acc: list[float]
+    epoch_time_s: float
+    angles: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.test_acc)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.test_acc) if len(self.test_acc) > 1 else 0.0
+
+
+def mean_std(values: list[float], scale: float = 100.0) -> str:
+    """``"97.2 ± 0.4"`` (the sample std; the mean alone for one value)."""
+    m = scale * statistics.fmean(values)
+    if len(values) < 2:
+        return f"{m:.1f}"
+    return f"{m:.1f} ± {scale * statistics.stdev(values):.1f}"
+
+
+def summarize(run_dir: str | Path) -> list[RuleSummary]:
+    """One summary per rule, in the order the rules appear in ``metrics.csv``."""
+    run_dir = Path(run_dir)
+    last: dict[tuple[str, str], dict[str, str]] = {}
+    times: dict[tuple[str, str], list[float]] = {}
+    for row in read_rows(run_dir / "metrics.csv"):
+        key = (row["rule"], row["seed"])
+        if key not in last or int(row["epoch"]) >= int(last[key]["epoch"]):
+            last[key] = row
+        times.setdefault(key, []).append(float(row["epoch_time_s"]))
+
+    # Final gradient angle per (rule, seed, layer): the row with the largest step.
+    final: dict[tuple[str, str, str], tuple[int, float]] = {}
+    for row in read_rows(run_dir / "alignment.csv"):
+        if row["kind"] != "gradient" or row["angle"] == "":
+            continue
+        cell = (row["rule"], row["seed"], row["layer"])
+        step = int(row["step"])
+        if cell not in final or step >= final[cell][0]:
+            final[cell] = (step, float(row["angle"]))
+
+    out: list[RuleSummary] = []
+    for rule in dict.fromkeys(r for r, _ in last):
+        seeds = [s for r, s in last if r == rule]
+        rows = [last[(rule, s)] for s in seeds]
+        layers: dict[str, list[float]] = {}
+        for (r, s, layer), (_, angle) in final.items():
+            if r == rule and s in seeds:
+                layers.setdefault(layer, []).append(angle)
+        out.append(
+            RuleSummary(
+                rule=rule,
+                seeds=[int(s) for s in seeds],
+                epochs=min(int(r["epoch"]) for r in rows),
+                test_acc=[float(r["test_acc"]) for r in rows],
+                epoch_time_s=statistics.fmean(t for s in seeds for t in times[(rule, s)]),
+                angles={k: statistics.fmean(v) for k, v in layers.items()},
+            )
+        )
+    return out
+
+
+def markdown(summaries: list[RuleSummary]) -> str:
+    """The summaries as a Markdown table (one row per rule)."""
+    layers: list[str] = []
+    for s in summaries:
+        layers.extend(k for k in s.angles if k not in layers)
+    seeds = max((len(s.seeds) for s in summaries), default=0)
+    acc = "test acc. (%)" + (f", {seeds} seeds" if seeds > 1 else "")
+    header = ["rule", acc, *(f"∠ {layer} (°)" for layer in layers), "s/epoch"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
+    for s in summaries:
+        angles = [
+            f"{s.angles[k]:.1f}" if k in s.angles and math.isfinite(s.angles[k]) else "-"
+            for k in layers
+        ]
+        cells = [s.rule, mean_std(s.test_acc), *angles, f"{s.epoch_time_s:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(run_dir: str | Path, title: str | None = None) -> str:
+    """Write ``results.md`` for ``run_dir`` and return the table."""
+    run_dir = Path(run_dir)
+    table = markdown(summarize(run_dir))
+    note = (
+        "Test accuracy after the last epoch; ∠ is the angle between the rule's weight update and "
+        "backprop's on the last measured batch (0° = backprop; `<network>` = all layers at once)."
+    )
+    text = f"# {title or run_dir.name}\n\n{table}\n\n{note}\n"
+    (run_dir / "results.md").write_text(text)
+    return table

@@ -1,0 +1,484 @@
+"""The trainer: every (rule, seed) pair of a config, trained and evaluated once per epoch.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.csv`` (one row per rule,
+seed and epoch), ``alignment.csv`` (written by ``biograd.alignment.AlignmentMonitor``) and
+``checkpoints/<rule>-seed<seed>.pt``. A checkpoint is written atomically at the end of every
+epoch and holds ``state_dict``s and generator states only; ``resume=True`` restarts each pair
+from its last checkpoint, and on the CPU the final weights are bit-identical to those of an
+uninterrupted run. A non-finite loss raises ``DivergedError`` at once; the last checkpoint and
+every row already written stay as they are.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from ..convert import convert, set_targets
+from ..errors import ConfigError, DivergedError
+from ..rules import get_rule
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import Config, dump, read_yaml, save_config
+
+METRICS_COLUMNS = (
+    "rule",
+    "seed",
+    "epoch",
+    "step",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "epoch_time_s",
+    "lr",
+)
+
+
+def checkpoint_path(run_dir: Path, rule: str, seed: int) -> Path:
+    """Where the checkpoint of one (rule, seed) pair lives."""
+    return run_dir / "checkpoints" / f"{rule}-seed{seed}.pt"
+
+
+# --- building blocks --------------------------------------------------------------------------
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, numpy and torch; ``deterministic`` also asks torch for deterministic
+    kernels (slower on GPUs; CPU runs are deterministic without it)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def load_data(cfg: Config) -> tuple[Any, Any]:
+    """The train and test splits named by ``cfg.data`` (subsets drawn with seed 0, so that every
+    seed and rule sees the same examples)."""
+    from ..data import load_dataset, subset
+
+    d = cfg.data
+    train = load_dataset(d.name, root=d.root, split="train", download=d.download)
+    test = load_dataset(d.name, root=d.root, split="test", download=d.download)
+    if d.subset is not None:
+        train = subset(train, d.subset, seed=0)
+    if d.test_subset is not None:
+        test = subset(test, d.test_subset, seed=0)
+    return train, test
+
+
+def loaders(cfg: Config, train: Any, test: Any, seed: int) -> tuple[Any, Any]:
+    """Shuffled, augmented training batches (order fixed by ``seed`` and the epoch) and plain
+    test batches."""
+    from ..data import Augment, Loader
+
+    a = cfg.data.augment
+    train_loader = Loader(
+        train,
+        cfg.data.batch_size,
+        shuffle=True,
+        seed=seed,
+        augment=Augment(crop_padding=a.crop_padding, hflip=a.hflip, normalize=a.normalize),
+        device=cfg.device,
+    )
+    test_loader = Loader(
+        test,
+        cfg.data.test_batch_size,
+        shuffle=False,
+        augment=Augment(normalize=a.normalize),
+        device=cfg.device,
+    )
+    return train_loader, test_loader
+
+
+def build(cfg: Config, rule: str, seed: int, in_shape: tuple[int, ...], classes: int) -> nn.Module:
+    """The model of ``cfg.model`` on ``cfg.device``, converted to ``rule``."""
+    from ..models import build_model
+
+    model = build_model(
+        cfg.model.name, in_shape=in_shape, classes=classes, **cfg.model.kwargs()
+    ).to(cfg.device)
+    r = cfg.rule
+    example = torch.zeros(2, *in_shape, device=cfg.device) if get_rule(rule).direct else None
+    try:
+        return convert(
+            model,
+            rule,
+            seed=seed if r.seed is None else r.seed,
+            overrides=r.overrides,
+            exclude=r.exclude,
+            scale=r.scale,
+            output=r.output,
+            layout=r.layout,
+            norm=r.norm,
+            example_input=example,
+        )
+    except ValueError as e:  # convert's message names the bad option and the valid ones
+        raise ConfigError(f"rule: {e}") from None
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg.optim`` over every parameter (kp's feedback included), wrapped by
+    ``biograd.optim.wrap`` when a wrapper is asked for."""
+    from ..optim import wrap
+
+    o = cfg.optim
+    params = list(model.parameters())
+    opt: torch.optim.Optimizer
+    if o.name == "sgd":
+        opt = torch.optim.SGD(
+            params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+        )
+    elif o.name == "adam":
+        opt = torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    return wrap(
+        opt,
+        manhattan=o.manhattan,
+        no_sign_change=o.no_sign_change,
+        norm_constraint=model if o.weight_norm else None,
+    )
+
+
+def make_scheduler(cfg: Config, opt: torch.optim.Optimizer) -> Any:
+    """The learning-rate schedule of ``cfg.schedule`` (stepped once per epoch), or None."""
+    s = cfg.schedule
+    if s.name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=s.milestones, gamma=s.gamma)
+    if s.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    return None
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: Iterable[Any], device: str, targets: bool
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over ``batches``."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if targets:
+            set_targets(model, y)
+        out = model(x)
+        loss_sum += F.cross_entropy(out, y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+        n += len(y)
+    model.train(was_training)
+    return float(loss_sum) / max(n, 1), float(correct) / max(n, 1)
+
+
+def append_row(path: Path, row: dict[str, Any], columns: Iterable[str]) -> None:
+    """Append ``row`` to a CSV file, with a header when the file is new."""
+    columns = list(columns)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row[k] for k in columns})
+
+
+def drop_rows(path: Path, rule: str, seed: int, after_epoch: int) -> None:
+    """Remove the rows of (``rule``, ``seed``) with an epoch above ``after_epoch`` (rows of an
+    epoch that a killed run did not finish), atomically."""
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    keep = [
+        r
+        for r in rows
+        if not (r["rule"] == rule and r["seed"] == str(seed) and int(r["epoch"]) > after_epoch)
+    ]
+    if len(keep) == len(rows):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(keep)
+    os.replace(tmp, path)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file (empty when it does not exist)."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- one (rule, seed) pair --------------------------------------------------------------------
+
+
+def train_one(
+    cfg: Config,
+    rule: str,
+    seed: int,
+    run_dir: Path,
+    data: tuple[Any, Any],
+    *,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``rule`` with ``seed``, continuing from its checkpoint if there is one; returns the
+    last epoch's metrics row."""
+    from ..alignment import AlignmentMonitor
+
+    seed_everything(seed, cfg.deterministic)
+    train, test = data
+    device = cfg.device
+    model = build(cfg, rule, seed, tuple(train.shape), train.classes)
+    opt = make_optimizer(cfg, model)
+    sched = make_scheduler(cfg, opt)
+    train_loader, test_loader = loaders(cfg, train, test, seed)
+    targets = rule == "drtp"
+
+    ckpt = checkpoint_path(run_dir, rule, seed)
+    metrics_csv, alignment_csv = run_dir / "metrics.csv", run_dir / "alignment.csv"
+    epoch, step = 0, 0
+    if ckpt.exists():
+        state = load_checkpoint(ckpt)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        epoch, step = int(state["epoch"]), int(state["step"])
+    drop_rows(metrics_csv, rule, seed, epoch)
+    drop_rows(alignment_csv, rule, seed, epoch)
+    if epoch >= cfg.epochs:
+        rows = [r for r in read_rows(metrics_csv) if r["rule"] == rule and r["seed"] == str(seed)]
+        return dict(rows[-1]) if rows else {}
+
+    monitor = AlignmentMonitor(
+        model,
+        F.cross_entropy,
+        every=cfg.alignment.every,
+        csv_path=alignment_csv,
+        tensorboard_dir=run_dir / "tensorboard" / f"{rule}-seed{seed}" if cfg.tensorboard else None,
+        tags={"rule": rule, "seed": seed},
+    )
+    writer = _tensorboard(run_dir, rule, seed) if cfg.tensorboard else None
+    steps_per_epoch = len(train_loader)
+    bar = tqdm(
+        total=cfg.epochs * steps_per_epoch,
+        initial=epoch * steps_per_epoch,
+        desc=f"{rule:>6} seed {seed}",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    row: dict[str, Any] = {}
+    model.train()
+    try:
+        while epoch < cfg.epochs:
+            train_loader.set_epoch(epoch)
+            lr = opt.param_groups[0]["lr"]
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            seen = 0
+            start = time.perf_counter()
+            for x, y in train_loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if targets:
+                    set_targets(model, y)
+                monitor.maybe_measure(step, epoch + 1, x, y)
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise DivergedError(_diverged(rule, seed, value, epoch + 1, step, ckpt))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                loss_sum += value * len(y)
+                correct += (out.argmax(1) == y).sum()
+                seen += len(y)
+                bar.update()
+                if step % 10 == 0:
+                    bar.set_postfix(
+                        loss=f"{value:.3f}", acc=f"{float(correct) / seen:.3f}", refresh=False
+                    )
+            epoch_time = time.perf_counter() - start
+            if sched is not None:
+                sched.step()
+            epoch += 1
+            test_loss, test_acc = evaluate(model, test_loader, device, targets)
+            row = {
+                "rule": rule,
+                "seed": seed,
+                "epoch": epoch,
+                "step": step,
+                "train_loss": float(loss_sum) / seen,
+                "train_acc": float(correct) / seen,
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "epoch_time_s": epoch_time,
+                "lr": lr,
+            }
+            append_row(metrics_csv, row, METRICS_COLUMNS)
+            save_checkpoint(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched is not None else {},
+                    "rng": rng_state(),
+                    "epoch": epoch,
+                    "step": step,
+                    "rule": rule,
+                    "seed": seed,
+                },
+                ckpt,
+            )
+            bar.set_postfix(
+                loss=f"{row['train_loss']:.3f}",
+                acc=f"{row['train_acc']:.3f}",
+                test=f"{test_acc:.3f}",
+            )
+            if writer is not None:
+                for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+                    writer.add_scalar(key, row[key], epoch)
+            if on_epoch is not None:
+                on_epoch(row)
+    finally:
+        bar.close()
+        monitor.close()
+        if writer is not None:
+            writer.close()
+    return row
+
+
+def _diverged(rule: str, seed: int, value: float, epoch: int, step: int, ckpt: Path) -> str:
+    kept = f"kept {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
+    return (
+        f"{rule} seed {seed} diverged: loss {value} at epoch {epoch}, step {step}; {kept}; "
+        "try a smaller optim.lr"
+    )
+
+
+def _tensorboard(run_dir: Path, rule: str, seed: int) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tensorboard" / f"{rule}-seed{seed}"))
+
+
+# --- a whole run ------------------------------------------------------------------------------
+
+
+def prepare(cfg: Config, run_dir: Path, *, resume: bool) -> None:
+    """Check that ``run_dir`` can take this run and write ``config.yaml`` (before anything else
+    is written): a fresh run needs an unused directory; a resumed one the same config."""
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        if not resume:
+            raise ConfigError(
+                f"{run_dir} already holds a run; continue it with --resume, or choose another "
+                "output directory"
+            )
+        changed = sorted(_diff(read_yaml(saved), dump(cfg)))
+        if changed:
+            raise ConfigError(
+                f"{run_dir} holds a run with another config (it differs in {', '.join(changed)}); "
+                "choose another output directory"
+            )
+        return
+    if cfg.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "tensorboard=true needs the tensorboard package: pip install tensorboard"
+            ) from None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, saved)
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> Iterable[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            yield from _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
+def check(cfg: Config) -> None:
+    """Errors that need no data: an unknown model or model option, a rule option that
+    ``convert`` rejects, a device torch does not have."""
+    from ..models import model_options
+
+    valid = model_options(cfg.model.name)
+    for key in cfg.model.kwargs():
+        if key not in valid:
+            import difflib
+
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean 'model.{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown config key 'model.{key}' for model {cfg.model.name!r}{hint}"
+            )
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.device}: torch sees no CUDA device here")
+
+
+def run(
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = print,
+) -> list[dict[str, Any]]:
+    """Train every (rule, seed) pair of ``cfg`` into ``run_dir``; returns their last metrics rows
+    and ``echo``es one summary line per pair.
+
+    Raises ``ConfigError``/``DataError`` before anything is written, and ``DivergedError`` when
+    a loss stops being finite (the run directory keeps everything written until then).
+    """
+    run_dir = Path(run_dir)
+    check(cfg)
+    data = load_data(cfg)
+    prepare(cfg, run_dir, resume=resume)
+    results = []
+    for rule in cfg.run_rules():
+        for seed in cfg.seeds:
+            row = train_one(cfg, rule, seed, run_dir, data, progress=progress)
+            results.append(row)
+            if echo is not None and row:
+                echo(
+                    f"{rule:>6} seed {seed}: test accuracy {100 * float(row['test_acc']):.2f}% "
+                    f"after {row['epoch']} epochs ({float(row['epoch_time_s']):.2f} s/epoch)"
+                )
+    return results
+
+
+def final_state(run_dir: str | Path, rule: str, seed: int) -> dict[str, Tensor]:
+    """The model ``state_dict`` of the last checkpoint of (``rule``, ``seed``)."""
+    state: dict[str, Tensor] = load_checkpoint(checkpoint_path(Path(run_dir), rule, seed))["model"]
+    return state
