@@ -15,7 +15,7 @@ import zlib
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -109,6 +109,10 @@ def load_dataset(
     return _load_cifar(key, base, split, download, mirror)
 
 
+@overload
+def subset(ds: ImageDataset, n: int, seed: int = 0) -> ImageDataset: ...
+@overload
+def subset(ds: ImageFolder, n: int, seed: int = 0) -> ImageFolder: ...
 def subset(ds: Dataset, n: int, seed: int = 0) -> Dataset:
     """``n`` samples of ``ds`` drawn without replacement by ``seed``, in their original order
     (all of ``ds`` when it has at most ``n``). For smoke runs."""
@@ -299,7 +303,8 @@ class _CifarSpec:
 _TORONTO = ("https://www.cs.toronto.edu/~kriz/",)
 
 # md5 of the official archives and the batches inside them (Krizhevsky 2009,
-# https://www.cs.toronto.edu/~kriz/cifar.html). mean/std are those of the 50000 training images.
+# https://www.cs.toronto.edu/~kriz/cifar.html). mean/std are the commonly quoted per-channel
+# statistics of the 50000 training images (not re-measured here: no CIFAR files on the build host).
 _CIFAR: dict[str, _CifarSpec] = {
     "cifar10": _CifarSpec(
         Remote({"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"}, _TORONTO),
