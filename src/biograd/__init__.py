@@ -6,6 +6,7 @@
 
 from . import direct as direct
 from . import rules as rules
+from .alignment import AlignmentMonitor, gradient_alignment, weight_alignment
 from .convert import (
     ConversionReport,
     conversion_report,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RULES",
+    "AlignmentMonitor",
     "ConversionReport",
     "conversion_report",
     "convert",
@@ -31,5 +33,7 @@ __all__ = [
     "exact",
     "feedback_weight",
     "get_rule",
+    "gradient_alignment",
     "set_targets",
+    "weight_alignment",
 ]
