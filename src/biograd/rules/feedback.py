@@ -96,6 +96,9 @@ class BatchRandomSignFeedback(Rule):
             ),
         )
 
+    # Runs eagerly under torch.compile: the draw depends on a Python counter and a generator,
+    # which would otherwise recompile the graph at every step.
+    @torch.compiler.disable
     def feedback(self, layer: FeedbackLayer) -> Tensor | None:
         w = layer.weight.detach()
         step = layer.feedback_step
