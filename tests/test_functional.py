@@ -64,10 +64,22 @@ def test_linear_trainable_feedback_gets_the_weight_gradient() -> None:
     x = torch.randn(5, 4)
     w = torch.randn(7, 4, requires_grad=True)
     fb = torch.randn(7, 4, requires_grad=True)
-    out = LinearFeedback.apply(x, w, None, fb)
-    gw, gfb = torch.autograd.grad(out, (w, fb), torch.randn_like(out))
-    assert torch.equal(gw, gfb)
-    assert gw.data_ptr() != gfb.data_ptr()  # two tensors: an optimizer may modify one in place
+    _check_shared_gradient(lambda: LinearFeedback.apply(x, w, None, fb), w, fb)
+
+
+def _check_shared_gradient(run, w: torch.Tensor, fb: torch.Tensor) -> None:
+    """W and B get equal gradients, accumulated into distinct tensors (an optimizer may update
+    one in place without touching the other), with ``.grad`` reset to None or to zeros."""
+    for set_to_none in (True, False):
+        for _ in range(2):
+            run().square().sum().backward()
+        assert torch.equal(w.grad, fb.grad)
+        assert w.grad.data_ptr() != fb.grad.data_ptr()
+        if set_to_none:
+            w.grad = fb.grad = None
+        else:
+            w.grad.zero_()
+            fb.grad.zero_()
 
 
 def test_linear_gradcheck_float64() -> None:
@@ -210,10 +222,9 @@ def test_conv_trainable_feedback_gets_the_weight_gradient() -> None:
     x = torch.randn(2, 3, 6, 6)
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
     fb = torch.randn(4, 3, 3, 3, requires_grad=True)
-    out = ConvFeedback.apply(x, w, None, fb, (1, 1), (1, 1), (1, 1), 1)
-    gw, gfb = torch.autograd.grad(out, (w, fb), torch.randn_like(out))
-    assert torch.equal(gw, gfb)
-    assert gw.data_ptr() != gfb.data_ptr()
+    _check_shared_gradient(
+        lambda: ConvFeedback.apply(x, w, None, fb, (1, 1), (1, 1), (1, 1), 1), w, fb
+    )
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])

@@ -6,7 +6,8 @@ the matrix that carries the error down: ``dL/dx = B^T delta`` instead of ``W^T d
 ``dL/dW = delta x^T`` and ``dL/db = sum(delta)`` are the exact local gradients.
 
 ``B`` has the shape of ``W``. When ``B`` is itself a trainable tensor (Kolen-Pollack, Akrout et
-al. 2019, Eq. 4), it receives the same gradient as ``W``.
+al. 2019, Eq. 4), it receives the same gradient as ``W``: one tensor for both, as autograd's own
+``a + b`` does; gradient accumulation never aliases it (``W.grad`` and ``B.grad`` are distinct).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class LinearFeedback(torch.autograd.Function):
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
             grad_w = g2.t().matmul(x.reshape(-1, x.shape[-1]))
             if need_fb:
-                grad_fb = grad_w.clone() if need_w else grad_w
+                grad_fb = grad_w
         if need_b and ctx.has_bias:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_w if need_w else None, grad_b, grad_fb
@@ -97,9 +98,7 @@ class ConvFeedback(torch.autograd.Function):
             grad_out, x, feedback, ctx.bias_sizes, stride, padding, dilation, False,
             [0] * len(stride), groups, mask,
         )  # fmt: skip
-        grad_fb = None
-        if need_fb:
-            grad_fb = grad_w.clone() if need_w else grad_w
+        grad_fb = grad_w if need_fb else None
         return (
             grad_x if need_x else None,
             grad_w if need_w else None,

@@ -61,7 +61,7 @@ class FeedbackLayer(nn.Module):
             return out
         fb = self._rule.feedback(self)
         if fb is not None:
-            self._last_feedback = fb.detach()
+            self.__dict__["_last_feedback"] = fb.detach()  # plain attribute, not module state
         return self._op(x, fb)
 
     def _op(self, x: Tensor, feedback: Tensor | None) -> Tensor:
