@@ -344,3 +344,35 @@ def test_root_module_and_containers() -> None:
     out = dictionary["b"][0](torch.randn(1, 1, 3, 3, 3, requires_grad=True))
     out.sum().backward()
     assert dictionary["b"][0].weight.grad is not None
+
+
+def test_parametrized_and_library_layers() -> None:
+    from torch.nn.utils import parametrizations
+
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(4, 5)), nn.ReLU(), nn.Linear(5, 2))
+    x = torch.randn(3, 4)
+    before = model(x)
+    biograd.convert(model, "fa")
+    assert torch.equal(model(x), before)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+    encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    x = torch.randn(2, 5, 8)
+    before = encoder(x)
+    biograd.convert(encoder, "usf")
+    assert set(biograd.conversion_report(encoder).converted) == {"linear1", "linear2"}
+    out = encoder(x)
+    assert torch.equal(out, before)
+    out.sum().backward()
+    assert all(p.grad is not None for p in encoder.parameters())
+
+
+def test_lazy_layers_need_a_forward_pass_first() -> None:
+    model = nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="uninitialised"):
+        biograd.convert(model, "fa")
+    assert not any(isinstance(m, FeedbackLayer) for m in model.modules())
+    model(torch.randn(2, 4))
+    biograd.convert(model, "fa")
+    assert isinstance(model[0], nn.Linear) and model[0].feedback_rule == "fa"

@@ -159,6 +159,12 @@ def convert(
                 excluded.append(name)
             else:
                 plan[name] = match(name, overrides) or main.name
+    lazy = [n for n in plan if isinstance(parents[n].weight, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(
+            f"layer(s) {', '.join(lazy)} have uninitialised (lazy) parameters: run the model on "
+            "one batch before biograd.convert"
+        )
     if not plan:
         raise ValueError(
             f"nothing to convert in {type(model).__name__}: biograd converts nn.Linear and "
