@@ -138,6 +138,7 @@ def ratio_stats(t: Trainee, base: Trainee, clock: str) -> dict[str, float]:
     q = _quantiles(paired)
     return {
         "ratio": statistics.median(t.times[clock]) / statistics.median(base.times[clock]),
+        "ratio_paired_median": statistics.median(paired),
         "ratio_p10": q[0],
         "ratio_p90": q[1],
     }

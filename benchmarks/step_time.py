@@ -80,7 +80,7 @@ CASES: dict[str, Case] = {
     for c in (
         Case(
             "mlp",
-            "MLP 784-1024-1024-10 (ReLU), batch 256",
+            "MLP 784-1024-1024-10 (ReLU)",
             lambda: mlp([784, 1024, 1024, 10]),
             (784,),
             256,
@@ -89,7 +89,7 @@ CASES: dict[str, Case] = {
         ),
         Case(
             "cnn",
-            "small CNN (conv32-conv64-fc256-fc10) on 3x32x32, batch 128",
+            "small CNN (conv32-conv64-fc256-fc10) on 3x32x32",
             small_cnn,
             (3, 32, 32),
             128,
@@ -98,7 +98,7 @@ CASES: dict[str, Case] = {
         ),
         Case(
             "resnet20",
-            "CIFAR ResNet-20 on 3x32x32, batch 128",
+            "CIFAR ResNet-20 on 3x32x32",
             lambda: library_model("resnet20", (3, 32, 32), 10),
             (3, 32, 32),
             128,
@@ -109,7 +109,7 @@ CASES: dict[str, Case] = {
         ),
         Case(
             "dfa_mlp",
-            "tanh MLP 784-8x1024-10, batch 256",
+            "tanh MLP 784-8x1024-10",
             lambda: mlp([784] + [1024] * 8 + [10], act=nn.Tanh),
             (784,),
             256,
@@ -128,7 +128,9 @@ def _convert(model: nn.Module, rule: str, x: torch.Tensor) -> nn.Module:
 
 def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Time and measure every rule of ``case``; return one JSON-able record."""
-    batch = max(2, case.batch // 8) if args.quick else case.batch
+    batch = args.batch or case.batch
+    if args.quick:
+        batch = max(2, batch // 8)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((batch, *case.in_shape), generator=gen).to(device)
     y = torch.randint(0, 10, (batch,), generator=gen).to(device)
@@ -193,6 +195,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict
         "inner": inner,
         "warmup": warmup,
         "clock": args.clock,
+        "threads": torch.get_num_threads(),
         "rows": rows,
     }
 
@@ -243,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=0, help="repetitions (default: per case)")
     parser.add_argument("--inner", type=int, default=0, help="timed steps per rule and repetition")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=0, help="batch size (default: per case)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
         "--clock",
