@@ -274,8 +274,9 @@ def exact(model: nn.Module) -> Iterator[nn.Module]:
 def feedback_weight(layer: nn.Module) -> Tensor | None:
     """The feedback matrix of a converted layer.
 
-    Feedback-alignment family: the B the layer used in its last forward/backward pass (its fixed
-    B for fa, frsf and kp), shaped like ``layer.weight``; ``bp`` returns ``weight``.
+    Feedback-alignment family: the B the layer used in its last forward/backward pass, shaped
+    like ``layer.weight`` (before any pass: the B it would use now; fa and kp: their own B);
+    ``bp`` returns ``weight``.
     Direct rules: the matrix that projects the output error onto this layer's *input*, shape
     ``(d, C)`` with ``d`` the input features per sample and ``C`` the outputs; it trains the layers
     below this one. ``None`` for a layer with no feedback point (the first layer).
