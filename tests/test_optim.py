@@ -314,3 +314,20 @@ def test_state_dict_round_trip_resumes_bit_identically() -> None:
             opt.step()
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_grad_scaler_steps_through_a_wrapper() -> None:
+    """GradScaler unscales the shared param_groups, skips steps with inf gradients, and
+    otherwise calls the wrapper's step (the sign of the unscaled gradient)."""
+    p = nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    opt = BatchManhattan(torch.optim.SGD([p], lr=0.1))
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    scaler.scale((p * torch.tensor([0.5, -3.0, 0.0])).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    torch.testing.assert_close(p.detach(), torch.tensor([0.9, -1.9, 3.0]))
+    torch.testing.assert_close(p.grad, torch.tensor([0.5, -3.0, 0.0]))  # unscaled, not signed
+    opt.zero_grad()
+    scaler.scale((p * torch.tensor([float("inf"), 1.0, 1.0])).sum()).backward()
+    scaler.step(opt)
+    torch.testing.assert_close(p.detach(), torch.tensor([0.9, -1.9, 3.0]))  # step skipped
