@@ -28,7 +28,7 @@ COMPARE_DEFAULTS: dict[str, Any] = {
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"biograd: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,12 +73,12 @@ def _progress() -> bool:
     return sys.stderr.isatty()
 
 
-def _finish(run_dir: Path, title: str | None = None) -> None:
+def _finish(run_dir: Path) -> None:
     """Print the table, write results.md and the plots."""
     from .experiment.plots import plot_alignment, plot_metrics
     from .experiment.table import write_results
 
-    table = write_results(run_dir, title)
+    table = write_results(run_dir)
     print(table)
     plots = plot_metrics(run_dir / "metrics.csv", run_dir / "plots")
     if (run_dir / "alignment.csv").exists():
@@ -109,7 +109,7 @@ def _compare(args: argparse.Namespace) -> int:
     out = Path(cfg.out or args.out)
     run(cfg, out, resume=True, progress=_progress())
     print()
-    _finish(out, f"biograd compare: {cfg.data.name}, {cfg.model.name}")
+    _finish(out)
     return 0
 
 
@@ -156,7 +156,10 @@ def _report(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``biograd`` command; returns the exit status."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed in one line
+        return e.code if isinstance(e.code, int) else 2
     try:
         status: int = args.func(args)
     except BiogradError as e:

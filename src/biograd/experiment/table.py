@@ -9,6 +9,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from .trainer import read_rows
 
 
@@ -104,7 +106,23 @@ def markdown(summaries: list[RuleSummary]) -> str:
     return "\n".join(lines)
 
 
-def write_results(run_dir: str | Path, title: str | None = None) -> str:
+def title(run_dir: Path) -> str:
+    """A heading from the run's ``config.yaml`` (data, model, epochs, seeds)."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return run_dir.name
+    cfg = yaml.safe_load(path.read_text()) or {}
+    data, model = cfg.get("data", {}), cfg.get("model", {})
+    options = ", ".join(f"{k}={v}" for k, v in model.items() if k != "name")
+    seeds = cfg.get("seeds", [])
+    return (
+        f"{run_dir.name}: {data.get('name')}, {model.get('name')}"
+        + (f" ({options})" if options else "")
+        + f", {cfg.get('epochs')} epochs, {len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+    )
+
+
+def write_results(run_dir: str | Path) -> str:
     """Write ``results.md`` for ``run_dir`` and return the table."""
     run_dir = Path(run_dir)
     table = markdown(summarize(run_dir))
@@ -112,6 +130,6 @@ def write_results(run_dir: str | Path, title: str | None = None) -> str:
         "Test accuracy after the last epoch; ∠ is the angle between the rule's weight update and "
         "backprop's on the last measured batch (0° = backprop; `<network>` = all layers at once)."
     )
-    text = f"# {title or run_dir.name}\n\n{table}\n\n{note}\n"
+    text = f"# {title(run_dir)}\n\n{table}\n\n{note}\n"
     (run_dir / "results.md").write_text(text)
     return table

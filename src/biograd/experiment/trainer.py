@@ -223,6 +223,16 @@ def drop_rows(path: Path, rule: str, seed: int, after_epoch: int) -> None:
     os.replace(tmp, path)
 
 
+def parse_row(row: dict[str, str]) -> dict[str, Any]:
+    """A ``metrics.csv`` row with numbers for its numeric columns."""
+    out: dict[str, Any] = dict(row)
+    for key in ("seed", "epoch", "step"):
+        out[key] = int(row[key])
+    for key in METRICS_COLUMNS[4:]:
+        out[key] = float(row[key])
+    return out
+
+
 def read_rows(path: Path) -> list[dict[str, str]]:
     """The rows of a CSV file (empty when it does not exist)."""
     if not path.exists():
@@ -272,7 +282,7 @@ def train_one(
     drop_rows(alignment_csv, rule, seed, epoch)
     if epoch >= cfg.epochs:
         rows = [r for r in read_rows(metrics_csv) if r["rule"] == rule and r["seed"] == str(seed)]
-        return dict(rows[-1]) if rows else {}
+        return parse_row(rows[-1]) if rows else {}
 
     monitor = AlignmentMonitor(
         model,
