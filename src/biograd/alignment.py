@@ -46,25 +46,58 @@ LossFn = Callable[[Any, Any], Tensor]
 
 # --------------------------------------------------------------------------- angles
 def angle(a: Tensor, b: Tensor) -> float:
-    """Angle in degrees between ``vec(a)`` and ``vec(b)``; NaN if either is zero.
-
-    Computed as ``2 atan2(|u - v|, |u + v|)`` with ``u, v`` the unit vectors (Kahan), which, unlike
-    ``arccos`` of the cosine, is exact near 0 and 180 degrees.
-    """
-    u = a.detach().reshape(-1).double()
-    v = b.detach().reshape(-1).double()
-    nu, nv = torch.linalg.vector_norm(u), torch.linalg.vector_norm(v)
-    if nu == 0 or nv == 0 or not (torch.isfinite(nu) and torch.isfinite(nv)):
-        return math.nan
-    u, v = u / nu, v / nv
-    rad = 2.0 * torch.atan2(torch.linalg.vector_norm(u - v), torch.linalg.vector_norm(u + v))
-    return math.degrees(float(rad))
+    """Angle in degrees between ``vec(a)`` and ``vec(b)``; NaN if either is zero."""
+    return _Pairs([(a, b)]).angle()
 
 
-def _norm_ratio(b: Tensor, w: Tensor) -> float:
-    nw = float(torch.linalg.vector_norm(w.detach().double()))
-    nb = float(torch.linalg.vector_norm(b.detach().double()))
-    return nb / nw if nw > 0 else math.nan
+def _wide(t: Tensor) -> Tensor:
+    """``t`` flattened, detached, in float32 at least."""
+    t = t.detach().reshape(-1)
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _same_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    return (a, b) if a.dtype == b.dtype else (a.double(), b.double())
+
+
+class _Pairs:
+    """Tensor pairs ``(a_i, b_i)`` read as two long vectors ``[vec(a_1), ...]`` and
+    ``[vec(b_1), ...]``; their dot products are taken once (float32 at least)."""
+
+    def __init__(self, pairs: Sequence[tuple[Tensor, Tensor]]) -> None:
+        self.flat = [_same_dtype(_wide(a), _wide(b)) for a, b in pairs]
+        self.uu = sum(float(torch.dot(u, u)) for u, _ in self.flat)
+        self.vv = sum(float(torch.dot(v, v)) for _, v in self.flat)
+        self.uv = sum(float(torch.dot(u, v)) for u, v in self.flat)
+
+    @classmethod
+    def join(cls, parts: Sequence[_Pairs]) -> _Pairs:
+        """All pairs of ``parts`` in one."""
+        out = cls([])
+        for part in parts:
+            out.flat += part.flat
+            out.uu, out.vv, out.uv = out.uu + part.uu, out.vv + part.vv, out.uv + part.uv
+        return out
+
+    def norm_ratio(self) -> float:
+        """``||b|| / ||a||``."""
+        return math.sqrt(self.vv / self.uu) if self.uu > 0 else math.nan
+
+    def angle(self) -> float:
+        """Degrees; ``arccos`` of the cosine, except near 0 and 180 degrees where that loses
+        precision: there ``2 atan2(|u - v|, |u + v|)`` with ``u, v`` the unit vectors (Kahan),
+        exact to rounding. NaN if either vector is zero."""
+        uu, vv = self.uu, self.vv
+        if not (uu > 0 and vv > 0 and math.isfinite(uu) and math.isfinite(vv)):
+            return math.nan
+        cos = self.uv / math.sqrt(uu * vv)
+        if abs(cos) < 0.99:
+            return math.degrees(math.acos(cos))
+        nu, nv = math.sqrt(uu), math.sqrt(vv)
+        flat = [(u.double() / nu, v.double() / nv) for u, v in self.flat]
+        diff = sum(float(torch.linalg.vector_norm(u - v)) ** 2 for u, v in flat)
+        both = sum(float(torch.linalg.vector_norm(u + v)) ** 2 for u, v in flat)
+        return math.degrees(2.0 * math.atan2(math.sqrt(diff), math.sqrt(both)))
 
 
 # --------------------------------------------------------------------------- weight alignment
@@ -115,7 +148,8 @@ def weight_alignment(model: nn.Module) -> dict[str, dict[str, float]]:
             b = feedback_weight(layer)
             w = layer.weight
             assert b is not None
-            out[name] = {"angle": angle(w, b), "norm_ratio": _norm_ratio(b, w)}
+            pair = _Pairs([(w, b)])
+            out[name] = {"angle": pair.angle(), "norm_ratio": pair.norm_ratio()}
             continue
         b = feedback_weight(layer)
         if b is None:
@@ -126,7 +160,8 @@ def weight_alignment(model: nn.Module) -> dict[str, dict[str, float]]:
         if path is None or path.t().shape != b.shape:
             out[name] = {"angle": math.nan, "norm_ratio": math.nan}
         else:
-            out[name] = {"angle": angle(path.t(), b), "norm_ratio": _norm_ratio(b, path)}
+            pair = _Pairs([(path.t(), b)])
+            out[name] = {"angle": pair.angle(), "norm_ratio": pair.norm_ratio()}
     return out
 
 
@@ -187,7 +222,8 @@ class _Snapshot:
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
         for layer, step in self.steps:
-            layer.feedback_step = step
+            if layer.feedback_step != step:
+                layer.__dict__["feedback_step"] = step
         with torch.no_grad():
             for b, saved in self.buffers:
                 if not torch.equal(b, saved):
@@ -258,22 +294,21 @@ def _run_pass(
 
 def _delta_cosines(rule: list[Tensor | None], bp: list[Tensor | None]) -> tuple[float, float]:
     """Mean and standard deviation over samples of ``cos(delta_rule_i, delta_bp_i)``; each call
-    of the layer contributes its samples (first dimension)."""
-    cosines = []
+    of the layer contributes its samples (first dimension); samples where either delta is zero
+    are left out."""
+    cosines: list[float] = []
     for r, b in zip(rule, bp):
         if r is None or b is None:
             continue
-        r2 = r.reshape(r.shape[0], -1).double()
-        b2 = b.reshape(b.shape[0], -1).double()
+        r2, b2 = _same_dtype(_wide(r).view(r.shape[0], -1), _wide(b).view(b.shape[0], -1))
         norms = torch.linalg.vector_norm(r2, dim=1) * torch.linalg.vector_norm(b2, dim=1)
-        cos = (r2 * b2).sum(1) / norms
-        cosines.append(cos[norms > 0])
+        cosines += (torch.linalg.vecdot(r2, b2) / norms).tolist()
+    # NaN (0/0) where a delta is zero; float32 rounding can step just outside [-1, 1]
+    cosines = [min(1.0, max(-1.0, c)) for c in cosines if math.isfinite(c)]
     if not cosines:
         return math.nan, math.nan
-    c = torch.cat(cosines)
-    if c.numel() == 0:
-        return math.nan, math.nan
-    return float(c.mean()), float(c.std(correction=0))
+    mean = math.fsum(cosines) / len(cosines)
+    return mean, math.sqrt(math.fsum((c - mean) ** 2 for c in cosines) / len(cosines))
 
 
 def gradient_alignment(
@@ -331,22 +366,28 @@ def gradient_alignment(
     finally:
         snap.restore()
 
+    per_param: list[_Pairs | None] = []
+    for r, b in zip(rule.grads, bp.grads):
+        if r is None and b is None:
+            per_param.append(None)
+        else:
+            if r is None:
+                assert b is not None
+                r = torch.zeros_like(b)
+            elif b is None:
+                b = torch.zeros_like(r)
+            per_param.append(_Pairs([(r, b)]))
     result: dict[str, dict[str, float]] = {}
     for name in layers:
         i = weights.get(name)
-        g_rule = rule.grads[i] if i is not None else None
-        g_bp = bp.grads[i] if i is not None else None
-        ang = angle(g_rule, g_bp) if g_rule is not None and g_bp is not None else math.nan
+        pair = per_param[i] if i is not None else None
         mean, std = _delta_cosines(rule.deltas[name], bp.deltas[name])
-        result[name] = {"angle": ang, "delta_cos_mean": mean, "delta_cos_std": std}
-    flat_rule = [g if g is not None else torch.zeros_like(p) for g, p in zip(rule.grads, params)]
-    flat_bp = [g if g is not None else torch.zeros_like(p) for g, p in zip(bp.grads, params)]
-    result[NETWORK] = {
-        "angle": angle(
-            torch.cat([g.reshape(-1).double() for g in flat_rule]),
-            torch.cat([g.reshape(-1).double() for g in flat_bp]),
-        )
-    }
+        result[name] = {
+            "angle": pair.angle() if pair is not None else math.nan,
+            "delta_cos_mean": mean,
+            "delta_cos_std": std,
+        }
+    result[NETWORK] = {"angle": _Pairs.join([p for p in per_param if p is not None]).angle()}
     return result
 
 
