@@ -458,6 +458,10 @@ def test_drtp_without_targets_fails_clearly() -> None:
     model(torch.randn(2, 6)).sum().backward()
     with pytest.raises(FeedbackError, match="set_targets"):  # targets serve one forward pass
         model(torch.randn(2, 6))
+    model.eval()  # an eval forward with grad enabled fails only if a backward pass follows
+    out = model(torch.randn(2, 6))
+    with pytest.raises(FeedbackError, match="set_targets"):
+        out.sum().backward()
 
 
 def test_drtp_with_the_wrong_number_of_targets_fails_clearly() -> None:

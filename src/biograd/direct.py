@@ -131,8 +131,8 @@ class SignDFA(DirectRule):
 
 class DRTP(DirectRule):
     """Direct random target projection: ``s = -y* / N`` with ``y*`` the one-hot target (or a given
-    target distribution) and N rows; ``delta_l = (B_l s) * f'(a_l)`` (Frenkel, Lefebvre, Bol 2021,
-    Eq. 4: the target is a proxy for the sign of the error; ``-y*`` is the target-dependent part of
+    target distribution) and N rows; ``delta_l = (B_l s) * f'(a_l)`` (Frenkel, Lefebvre, Bol 2021:
+    the target is a proxy for the sign of the error; ``-y*`` is the target-dependent part of
     softmax cross-entropy's ``e = p - y*``). Targets come through ``biograd.set_targets``."""
 
     name = "drtp"
@@ -265,10 +265,11 @@ class DirectFeedback(nn.Module):
         elif layout == "shared":
             self.register_buffer("shared", draw(max(self.sizes.values(), default=1)))
         else:
-            if hashed_rows < classes:
+            widest = max(self.sizes.values(), default=classes)
+            if hashed_rows < min(classes, widest):
                 warnings.warn(
-                    f"hashed_rows={hashed_rows} < {classes} outputs: the hashed feedback has rank "
-                    f"at most {hashed_rows} and cannot tell every error apart",
+                    f"hashed_rows={hashed_rows} < {min(classes, widest)}: the hashed feedback has "
+                    f"rank at most {hashed_rows}, lower than a dense one ({min(classes, widest)})",
                     stacklevel=2,
                 )
             self.register_buffer("basis", draw(hashed_rows))
@@ -450,8 +451,8 @@ class DirectFeedback(nn.Module):
         targets, self.targets = self.targets, None
         if self.exact or not torch.is_grad_enabled() or not points:
             return out
-        if self.rule.needs_targets and targets is None:
-            raise FeedbackError(_NO_TARGETS)
+        if self.rule.needs_targets and targets is None and self.training:
+            raise FeedbackError(_NO_TARGETS)  # in eval mode, only if a backward pass follows
         c = _features(out.shape, self.batch_dims)
         if c != self.classes:
             raise FeedbackError(
