@@ -5,6 +5,7 @@
 """
 
 from . import direct as direct
+from . import optim as optim
 from . import rules as rules
 from .alignment import AlignmentMonitor, gradient_alignment, weight_alignment
 from .convert import (
