@@ -67,6 +67,7 @@ BASE = "bp"
 """The baseline: the plain torch model, not converted."""
 CONVERTED_BP = "bp-converted"
 """``bp`` through ``biograd.convert``: what the conversion itself costs."""
+SKIPPED = "time budget (--max-minutes) spent before it started"
 DEFAULT_RULES = ("bp", "fa", "usf", "frsf", "brsf", "kp", "dfa")
 MODES = ("eager", "compile")
 PRECISIONS: dict[str, torch.dtype | None] = {
@@ -265,9 +266,14 @@ def _release(device: torch.device) -> None:
 
 
 def run_group(
-    g: Group, rules: list[str], args: argparse.Namespace, device: torch.device
+    g: Group,
+    rules: list[str],
+    args: argparse.Namespace,
+    device: torch.device,
+    deadline: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Build, warm up, measure the memory of, and time every rule of group ``g``; one row each."""
+    """Build, warm up, measure the memory of, and time every rule of group ``g``; one row each.
+    Rules not yet built when ``time.perf_counter()`` passes ``deadline`` are skipped."""
     amp = PRECISIONS[g.precision]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((g.batch, *g.in_shape), generator=gen).to(device)
@@ -282,7 +288,11 @@ def run_group(
 
     runners: list[Runner] = []
     failed: dict[str, str] = {}
+    skipped: set[str] = set()
     for rule in rules:
+        if deadline is not None and time.perf_counter() > deadline:
+            skipped.add(rule)
+            continue
         label = f"{g.workload.name}/{g.mode}/{g.precision}/{rule}"
         print(f"  {label}: build and warm up", file=sys.stderr, flush=True)
         try:
@@ -352,7 +362,10 @@ def run_group(
         }
         done = by_rule.get(rule)
         if done is None or not done.times:
-            rows.append({**row, "status": "error", "error": failed.get(rule, "no timed steps")})
+            if rule in skipped:
+                rows.append({**row, "status": "skipped", "error": SKIPPED})
+            else:
+                rows.append({**row, "status": "error", "error": failed.get(rule, "no timed steps")})
             continue
         row.update(_measurements(done, base_runner, g.batch))
         rows.append(row)
@@ -581,7 +594,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-minutes",
         type=float,
         default=0.0,
-        help="start no new group after this many minutes (0: no limit); the rest is 'skipped'",
+        help="build no new rule after this many minutes (0: no limit); the rest is 'skipped'",
     )
     parser.add_argument(
         "--quick",
@@ -627,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     settings["argv"] = sys.argv[1:] if argv is None else list(argv)
     started = time.perf_counter()
+    deadline = started + 60 * args.max_minutes if args.max_minutes > 0 else None
     text = ""
     with _cudnn_benchmark(args.cudnn_benchmark and device.type == "cuda"):
         record: dict[str, Any] = {
@@ -646,12 +660,11 @@ def main(argv: list[str] | None = None) -> int:
                         args.batch or (w.quick_batch if args.quick else w.batch),
                     )
                     print(f"{name} {mode} {precision}", file=sys.stderr, flush=True)
-                    minutes = (time.perf_counter() - started) / 60
-                    if args.max_minutes and minutes > args.max_minutes:
+                    if deadline is not None and time.perf_counter() > deadline:
                         rows = [_skipped(g, rule) for rule in args.rules]
                     else:
                         try:
-                            rows = run_group(g, args.rules, args, device)
+                            rows = run_group(g, args.rules, args, device, deadline)
                         except Exception as exc:  # e.g. the model does not build
                             traceback.print_exc(file=sys.stderr)
                             rows = [_skipped(g, rule, "error", _short(exc)) for rule in args.rules]
@@ -663,9 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _skipped(
-    g: Group, rule: str, status: str = "skipped", error: str = "time budget (--max-minutes)"
-) -> dict[str, Any]:
+def _skipped(g: Group, rule: str, status: str = "skipped", error: str = SKIPPED) -> dict[str, Any]:
     return {
         "workload": g.workload.name,
         "model": g.workload.model,

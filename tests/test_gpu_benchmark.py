@@ -109,3 +109,17 @@ def test_compiled_rules_do_not_share_compiled_frames(
     assert by_rule["bp"]["dynamo_graphs"] == 1 and by_rule["fa"]["dynamo_graphs"] == 1
     assert by_rule["brsf"]["dynamo_graphs"] >= 1
     assert all(r["graphs_compiled_while_timed"] == 0 for r in (by_rule["bp"], by_rule["fa"]))
+
+
+def test_spent_time_budget_skips_the_rest(tmp_path: Path) -> None:
+    bench = _load()
+    argv = ["--quick", "--device", "cpu", "--models", "resnet20", "--rules", "fa"]
+    assert bench.main([*argv, "--max-minutes", "1e-9", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "gpu_throughput.json").read_text())["rows"]
+    assert [(r["rule"], r["precision"], r["status"]) for r in rows] == [
+        ("bp", "fp32", "skipped"),
+        ("fa", "fp32", "skipped"),
+        ("bp", "bf16", "skipped"),
+        ("fa", "bf16", "skipped"),
+    ]
+    assert "| fa | skipped |" in (tmp_path / "gpu_throughput.md").read_text()
