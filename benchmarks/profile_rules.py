@@ -1,8 +1,14 @@
-"""Where a rule's training step spends its time, next to plain backprop (``torch.profiler``).
+"""Where a rule's training step spends its time, next to plain backprop.
 
-For one network of ``step_time.py`` it profiles ``--steps`` training steps of plain backprop and
-of each rule (same model and data), and prints, per rule, the aten ops whose self CPU time per step
-differs most from backprop's. This is how a miss of a ``step_time.py`` target is explained.
+For one network of ``step_time.py`` (same model and data for every rule):
+
+1. phases: the median CPU time (``time.process_time``, one thread) of the forward pass with the
+   loss, the backward pass and the optimizer step of each rule, timed interleaved as in
+   ``step_time.py``;
+2. ops (``torch.profiler``, ``--steps`` steps per rule): per rule, the aten ops whose self time
+   per step differs most from plain backprop's (profiler times are wall-clock times).
+
+This is how a miss of a ``step_time.py`` target is explained.
 
     .venv/bin/python benchmarks/profile_rules.py --case mlp --rules usf,frsf,brsf,kp
 """
@@ -11,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
+import time
 from collections import defaultdict
 
 import torch
+from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import biograd
@@ -35,11 +44,39 @@ def op_times(t: Trainee, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[s
     return dict(out)
 
 
+PHASES = ("forward", "backward", "optimizer")
+
+
+def phase_times(
+    trainees: list[Trainee], x: torch.Tensor, y: torch.Tensor, reps: int
+) -> dict[str, dict[str, float]]:
+    """Median CPU time (ms) of each phase of a step, per trainee, interleaved over ``reps``."""
+    samples: dict[str, dict[str, list[float]]] = {
+        t.label: {p: [] for p in PHASES} for t in trainees
+    }
+    for rep in range(reps + 2):
+        for i in range(len(trainees)):
+            t = trainees[(rep + i) % len(trainees)]
+            t.optimizer.zero_grad(set_to_none=True)
+            c0 = time.process_time()
+            loss = F.cross_entropy(t.model(x), y)
+            c1 = time.process_time()
+            loss.backward()
+            c2 = time.process_time()
+            t.optimizer.step()
+            c3 = time.process_time()
+            if rep >= 2:  # the first two rounds warm up
+                for p, v in zip(PHASES, (c1 - c0, c2 - c1, c3 - c2)):
+                    samples[t.label][p].append(1e3 * v)
+    return {k: {p: statistics.median(v) for p, v in d.items()} for k, d in samples.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", default="mlp", choices=list(CASES))
     parser.add_argument("--rules", default="fa,usf,frsf,brsf,kp,dfa")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=20, help="repetitions of the phase timing")
     parser.add_argument("--top", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -56,15 +93,26 @@ def main(argv: list[str] | None = None) -> int:
     def trainee(rule: str) -> Trainee:
         model = copy.deepcopy(base)
         if rule != "bp":
-            kwargs = {"example_input": x[:2]} if biograd.get_rule(rule).direct else {}
-            biograd.convert(model, rule, seed=0, **kwargs)
+            example = x[:2] if biograd.get_rule(rule).direct else None
+            biograd.convert(model, rule, seed=0, example_input=example)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
         return Trainee(rule, model, opt)
+
+    rules = args.rules.split(",")
+    phases = phase_times([trainee(r) for r in ["bp", *rules]], x, y, args.reps)
+    print(f"{case.title}, batch {case.batch}: median CPU ms per phase ({args.reps} repetitions)")
+    print(f"  {'rule':<6} {'forward':>8} {'backward':>9} {'optimizer':>10} {'sum':>8} {'x bp':>6}")
+    ref_sum = sum(phases["bp"].values())
+    for rule, ph in phases.items():
+        total = sum(ph.values())
+        cells = " ".join(f"{ph[p]:>{w}.2f}" for p, w in zip(PHASES, (8, 9, 10)))
+        print(f"  {rule:<6} {cells} {total:8.2f} {total / ref_sum:6.3f}")
+    print()
 
     ref = op_times(trainee("bp"), x, y, args.steps)
     ref_total = sum(ref.values())
     print(f"{case.title}: plain bp {ref_total:.1f} ms/step of profiled self CPU time")
-    for rule in args.rules.split(","):
+    for rule in rules:
         times = op_times(trainee(rule), x, y, args.steps)
         total = sum(times.values())
         print(f"\n{rule}: {total:.1f} ms/step ({total / ref_total:.3f} x bp)")

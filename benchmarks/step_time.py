@@ -63,8 +63,8 @@ class Case:
     batch: int
     rules: tuple[str, ...]
     targets: dict[str, float] = field(default_factory=dict)
-    reps: int = 15
-    inner: int = 3
+    reps: int = 30
+    inner: int = 1
 
 
 def _targets(dfa: float | None) -> dict[str, float]:
@@ -104,8 +104,7 @@ CASES: dict[str, Case] = {
             128,
             ALL_RULES,
             _targets(1.0),
-            reps=8,
-            inner=2,
+            reps=10,
         ),
         Case(
             "dfa_mlp",
