@@ -133,12 +133,14 @@ def interleaved_times(
 def ratio_stats(t: Trainee, base: Trainee, clock: str) -> dict[str, float]:
     """Median step time of ``t`` over that of ``base`` on ``clock``; the spread is the
     10th-90th percentile range of the per-repetition ratios (each repetition's medians, measured
-    close together in time)."""
+    close together in time). Also the median of those ratios and the ratio of the fastest steps
+    (the least disturbed by other processes)."""
     paired = sorted(a / b for a, b in zip(t.rep_medians[clock], base.rep_medians[clock]))
     q = _quantiles(paired)
     return {
         "ratio": statistics.median(t.times[clock]) / statistics.median(base.times[clock]),
         "ratio_paired_median": statistics.median(paired),
+        "ratio_min": min(t.times[clock]) / min(base.times[clock]),
         "ratio_p10": q[0],
         "ratio_p90": q[1],
     }

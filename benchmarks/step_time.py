@@ -183,6 +183,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict
                 "target": target,
                 "met": None if target is None else stats["ratio"] <= target,
                 "steps": len(t.times["wall"]),
+                "times_s": t.times,
                 **{f"{k}_bytes": v for k, v in memory[t.label].items()},
             }
         )
