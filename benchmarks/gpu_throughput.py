@@ -446,6 +446,11 @@ def _fmt(value: float | None, spec: str) -> str:
     )
 
 
+def _rate(images_per_s: float) -> str:
+    """Images/s with three significant digits or more."""
+    return f"{images_per_s:.0f}" if images_per_s >= 100 else f"{images_per_s:.3g}"
+
+
 def markdown(record: dict[str, Any]) -> str:
     """Summary (x bp per rule and configuration) and detailed tables per group."""
     env, settings, rows = record["environment"], record["settings"], record["rows"]
@@ -485,7 +490,7 @@ def markdown(record: dict[str, Any]) -> str:
                     cells.append("error" if row["status"] == "error" else row["status"])
                 else:
                     ratio = _fmt(row["x_bp"], ".2f")
-                    cells.append(f"{ratio} ({row['images_per_s']:.0f}/s)")
+                    cells.append(f"{ratio} ({_rate(row['images_per_s'])}/s)")
             lines.append(f"| {rule} | " + " | ".join(cells) + " |")
         lines.append("")
     for (workload, mode, precision), group in groups.items():
@@ -511,7 +516,7 @@ def markdown(record: dict[str, Any]) -> str:
             if row["graphs_compiled_while_timed"]:
                 note = f"{row['graphs_compiled_while_timed']} graphs compiled while timed"
             lines.append(
-                f"| {row['rule']} | {row['images_per_s']:.1f} | {_fmt(row['x_bp'], '.3f')} | "
+                f"| {row['rule']} | {_rate(row['images_per_s'])} | {_fmt(row['x_bp'], '.3f')} | "
                 f"{spread} | {row['ms_per_step']:.2f} | {_fmt(row['peak_mib'], '.0f')} | "
                 f"{row['warmup_s']:.1f} | {graphs} | {note} |"
             )
