@@ -287,6 +287,7 @@ class DirectFeedback(nn.Module):
             "layout": self.layout,
             "norm": self.norm,
             "classes": self.classes,
+            "sizes": dict(self.sizes),
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -298,6 +299,8 @@ class DirectFeedback(nn.Module):
         # The hashed layout's hash and the shared/hashed scale are computed, not stored.
         self.seed = int(state.get("seed", self.seed))
         self.norm = str(state.get("norm", self.norm))
+        for key, d in state.get("sizes", {}).items():
+            self.sizes.setdefault(key, int(d))
 
     # ----------------------------------------------------------------- feedback matrices
     def hash_index(
