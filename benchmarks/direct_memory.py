@@ -105,7 +105,7 @@ def layout_times(args: argparse.Namespace) -> dict[str, Any]:
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
         trainees.append(Trainee(label, model, opt))
     reps = 2 if args.quick else args.reps
-    inner = 1 if args.quick else 3
+    inner = 1
     interleaved_times(trainees, x, y, warmup=1 if args.quick else 3, reps=reps, inner=inner)
     rows = []
     for t in trainees:
@@ -184,7 +184,7 @@ def markdown(mem: dict[str, Any], times: dict[str, Any], info: dict[str, Any]) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--hashed-rows", type=int, default=1024)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="smoke run (no ResNet-18 step)")

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", default="mlp", choices=list(CASES))
     parser.add_argument("--rules", default="fa,usf,frsf,brsf,kp,dfa")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=0, help="batch size (default: the case's)")
+    parser.add_argument("--steps", type=int, default=10, help="profiled steps (0: phases only)")
     parser.add_argument("--reps", type=int, default=20, help="repetitions of the phase timing")
     parser.add_argument("--top", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
@@ -85,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 
     case = CASES[args.case]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn((case.batch, *case.in_shape), generator=gen)
-    y = torch.randint(0, 10, (case.batch,), generator=gen)
+    batch = args.batch or case.batch
+    x = torch.randn((batch, *case.in_shape), generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
     torch.manual_seed(0)
     base = case.build()
 
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rules = args.rules.split(",")
     phases = phase_times([trainee(r) for r in ["bp", *rules]], x, y, args.reps)
-    print(f"{case.title}, batch {case.batch}: median CPU ms per phase ({args.reps} repetitions)")
+    print(f"{case.title}, batch {batch}: median CPU ms per phase ({args.reps} repetitions)")
     print(f"  {'rule':<6} {'forward':>8} {'backward':>9} {'optimizer':>10} {'sum':>8} {'x bp':>6}")
     ref_sum = sum(phases["bp"].values())
     for rule, ph in phases.items():
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = " ".join(f"{ph[p]:>{w}.2f}" for p, w in zip(PHASES, (8, 9, 10)))
         print(f"  {rule:<6} {cells} {total:8.2f} {total / ref_sum:6.3f}")
     print()
+    if args.steps == 0:
+        return 0
 
     ref = op_times(trainee("bp"), x, y, args.steps)
     ref_total = sum(ref.values())
