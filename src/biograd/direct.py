@@ -1,7 +1,7 @@
 """The direct-feedback engine: DFA, sign-DFA, DRTP and the shallow control.
 
 Direct rules send the output error straight to every hidden layer through a fixed random matrix:
-``delta_l = (B_l e) * f'(a_l)`` (Nøkland 2016, Eq. 3). Here ``e = dLoss/d(output)`` is whatever
+``delta_l = (B_l e) * f'(a_l)`` (Nøkland 2016). Here ``e = dLoss/d(output)`` is whatever
 autograd computes for the user's loss, and the projection ``B_k e`` is injected at a **feedback
 point**: by default the input of every converted layer but the first, i.e. the output side of the
 layer below *after* its activation, batch norm and pooling, so that ``f'`` and the other local
@@ -57,7 +57,7 @@ NORMS = ("launay", "fan_in", "fan_out", "none")
   ``||B_k e|| ~ ||e|| sqrt(d_k / C)``.
 - ``fan_out``: ``1 / sqrt(d_k)`` (TinyDFA's FAN_OUT, its default: divide by the square root of the
   feedback size); ``||B_k e|| ~ ||e||``.
-- ``none``: 1 (Nøkland 2016 states no scale); ``||B_k e|| ~ ||e|| sqrt(d_k)``.
+- ``none``: 1 (unscaled); ``||B_k e|| ~ ||e|| sqrt(d_k)``.
 """
 
 
@@ -108,7 +108,7 @@ class DirectRule(Rule):
 
 
 class DFA(DirectRule):
-    """Direct feedback alignment: ``s = e``, ``delta_l = (B_l e) * f'(a_l)`` (Nøkland 2016, Eq. 3)."""
+    """Direct feedback alignment: ``s = e``, ``delta_l = (B_l e) * f'(a_l)`` (Nøkland 2016)."""
 
     name = "dfa"
     paper = "Nøkland 2016"
