@@ -123,13 +123,14 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_gives_identical_weights(tmp_path):
     # brsf redraws B from a checkpointed generator, kp learns B with momentum, dropout draws
     # from torch's global generator, and the cosine schedule has state: all must resume exactly.
     overrides = [
         "rules=[brsf,kp]", "epochs=3", "data.subset=600", "data.batch_size=8", "model.widths=[64]",
         "model.dropout=0.1", "optim.weight_decay=1e-4", "schedule.name=cosine",
-        "alignment.every=20", "data.test_subset=60",
+        "alignment.every=20", "data.test_subset=60", "plots=false",
     ]  # fmt: skip
     cfg = load_config(None, overrides)
     reference = tmp_path / "reference"

@@ -22,7 +22,7 @@ COMPARE_DEFAULTS: dict[str, Any] = {
     "data": {"name": "digits", "batch_size": 32},
     "model": {"name": "mlp", "widths": [128, 128]},
     "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-    "alignment": {"every": 45},
+    "alignment": {"every": 20},
 }
 
 
@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--rules", default=COMPARE_RULES, help=f"comma-separated (default: {COMPARE_RULES})"
     )
-    c.add_argument("--epochs", type=int, default=20, help="epochs per run (default: 20)")
+    c.add_argument("--epochs", type=int, default=10, help="epochs per run (default: 10)")
     c.add_argument("--seeds", type=int, default=3, help="seeds per rule (default: 3)")
     c.add_argument("--out", default="runs/compare", help="run directory (default: runs/compare)")
     c.add_argument("--data-dir", help="directory of the data files (mnist, cifar10, ...)")
@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("reproduce", help="run (or resume) a paper's grid and compare with it")
     r.add_argument("name", help="configs/<source>/<name>.yaml as source/name, name, or a path")
-    r.add_argument("--scale", choices=("smoke", "full"), default="full")
+    r.add_argument("--scale", default="full", help="smoke, full, or a scale the spec defines")
     r.add_argument("--data-dir", help="directory of the data files")
     r.add_argument("--out", help="output directory (default: runs/reproduce/<name>-<scale>)")
     r.set_defaults(func=_reproduce)
@@ -73,17 +73,18 @@ def _progress() -> bool:
     return sys.stderr.isatty()
 
 
-def _finish(run_dir: Path) -> None:
-    """Print the table, write results.md and the plots."""
+def _finish(run_dir: Path, plots: bool = True) -> None:
+    """Print the table, write results.md and (unless ``plots`` is false) the plots."""
     from .experiment.plots import plot_alignment, plot_metrics
     from .experiment.table import write_results
 
-    table = write_results(run_dir)
-    print(table)
-    plots = plot_metrics(run_dir / "metrics.csv", run_dir / "plots")
-    if (run_dir / "alignment.csv").exists():
-        plots += plot_alignment(run_dir / "alignment.csv", run_dir / "plots")
-    print(f"\nwrote {run_dir / 'results.md'}" + "".join(f"\n      {p}" for p in plots))
+    print(write_results(run_dir))
+    written = []
+    if plots:
+        written = plot_metrics(run_dir / "metrics.csv", run_dir / "plots")
+        if (run_dir / "alignment.csv").exists():
+            written += plot_alignment(run_dir / "alignment.csv", run_dir / "plots")
+    print(f"\nwrote {run_dir / 'results.md'}" + "".join(f"\n      {p}" for p in written))
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -109,7 +110,7 @@ def _compare(args: argparse.Namespace) -> int:
     out = Path(cfg.out or args.out)
     run(cfg, out, resume=True, progress=_progress())
     print()
-    _finish(out)
+    _finish(out, cfg.plots)
     return 0
 
 
@@ -121,7 +122,7 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(cfg.out or Path("runs") / Path(args.config).stem)
     run(cfg, out, resume=args.resume, progress=_progress())
     print()
-    _finish(out)
+    _finish(out, cfg.plots)
     return 0
 
 

@@ -16,7 +16,14 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import ConfigError
 
@@ -126,6 +133,21 @@ class AlignmentConfig(Section):
     every: int = Field(default=0, ge=0)
 
 
+class BottleneckConfig(Section):
+    """Make ``layer`` a bottleneck of ``keep`` units (Launay, Poli, Krzakala 2019, Sec. 4; see
+    ``biograd.bottleneck.apply_bottleneck``): only ``keep`` units learn (``mask``, their method)
+    or exist (``narrow``). No ``layer``: no bottleneck."""
+
+    layer: str | None = None
+    keep: int = Field(default=1, gt=0)
+    mode: Literal["mask", "narrow"] = "mask"
+
+
+# Keys a rule may not override: the grid's axes and what is loaded once for every rule.
+_SHARED_KEYS = ("data", "rules", "seeds", "rule_overrides", "data.name", "data.root",
+                "data.download", "data.subset", "data.test_subset", "device", "out")  # fmt: skip
+
+
 class Config(Section):
     """One experiment: every (rule, seed) pair of ``rules`` x ``seeds`` is trained with the same
     data, model, optimizer and schedule."""
@@ -140,7 +162,13 @@ class Config(Section):
     seeds: list[int] = [0]
     deterministic: bool = False
     alignment: AlignmentConfig = AlignmentConfig()
+    bottleneck: BottleneckConfig = BottleneckConfig()
+    rule_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="rule -> dotted overrides for that rule's runs (e.g. a smaller optim.lr)",
+    )
     tensorboard: bool = False
+    plots: bool = Field(default=True, description="write plots/*.png after the run")
     device: str = "cpu"
     out: str | None = None
 
@@ -177,6 +205,29 @@ class Config(Section):
     def run_rules(self) -> list[str]:
         """The rules this config runs."""
         return list(self.rules) if self.rules else [self.rule.name]
+
+    @model_validator(mode="after")
+    def _rule_overrides_valid(self) -> Config:
+        for rule in self.rule_overrides:
+            known_rule(rule)
+            self.for_rule(rule)
+        return self
+
+    def for_rule(self, rule: str) -> Config:
+        """The config ``rule`` trains with: ``rule_overrides[rule]`` applied (the published
+        benchmarks tune e.g. the learning rate per rule)."""
+        items = self.rule_overrides.get(rule)
+        if not items:
+            return self
+        for key in items:
+            if key in _SHARED_KEYS or key.split(".")[0] in _SHARED_KEYS[1:]:
+                raise ValueError(f"rule_overrides.{rule}: {key!r} is shared by every rule")
+        data = dump(self)
+        data["rule_overrides"] = {}
+        try:
+            return validate(apply_overrides(data, items.items()))
+        except ConfigError as e:
+            raise ValueError(f"rule_overrides.{rule}: {e}") from None
 
 
 def config_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:

@@ -12,6 +12,7 @@ every row already written stay as they are.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import random
@@ -69,7 +70,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 def load_data(cfg: Config) -> tuple[Any, Any]:
     """The train and test splits named by ``cfg.data`` (subsets drawn with seed 0, so that every
-    seed and rule sees the same examples)."""
+    seed and rule sees the same examples), normalised once here when no random crop follows."""
     from ..data import load_dataset, subset
 
     d = cfg.data
@@ -79,28 +80,46 @@ def load_data(cfg: Config) -> tuple[Any, Any]:
         train = subset(train, d.subset, seed=0)
     if d.test_subset is not None:
         test = subset(test, d.test_subset, seed=0)
+    if _normalize_once(cfg, train):
+        train, test = _normalized(train), _normalized(test)
     return train, test
 
 
+def _normalize_once(cfg: Config, ds: Any) -> bool:
+    # Per-channel normalisation commutes with flips but not with zero-padded crops; an in-memory
+    # set without crops is normalised once instead of batch by batch (the same numbers, faster).
+    from ..data import ImageDataset
+
+    a = cfg.data.augment
+    return isinstance(ds, ImageDataset) and a.normalize and a.crop_padding == 0
+
+
+def _normalized(ds: Any) -> Any:
+    mean = torch.tensor(ds.mean, dtype=ds.x.dtype)[None, :, None, None]
+    std = torch.tensor(ds.std, dtype=ds.x.dtype)[None, :, None, None]
+    return dataclasses.replace(ds, x=(ds.x - mean) / std)
+
+
 def loaders(cfg: Config, train: Any, test: Any, seed: int) -> tuple[Any, Any]:
-    """Shuffled, augmented training batches (order fixed by ``seed`` and the epoch) and plain
-    test batches."""
+    """Shuffled, augmented training batches (order fixed by ``seed`` and the epoch) and test
+    batches."""
     from ..data import Augment, Loader
 
     a = cfg.data.augment
+    normalize = a.normalize and not _normalize_once(cfg, train)
     train_loader = Loader(
         train,
         cfg.data.batch_size,
         shuffle=True,
         seed=seed,
-        augment=Augment(crop_padding=a.crop_padding, hflip=a.hflip, normalize=a.normalize),
+        augment=Augment(crop_padding=a.crop_padding, hflip=a.hflip, normalize=normalize),
         device=cfg.device,
     )
     test_loader = Loader(
         test,
         cfg.data.test_batch_size,
         shuffle=False,
-        augment=Augment(normalize=a.normalize),
+        augment=Augment(normalize=normalize) if normalize else None,
         device=cfg.device,
     )
     return train_loader, test_loader
@@ -113,6 +132,14 @@ def build(cfg: Config, rule: str, seed: int, in_shape: tuple[int, ...], classes:
     model = build_model(
         cfg.model.name, in_shape=in_shape, classes=classes, **cfg.model.kwargs()
     ).to(cfg.device)
+    b = cfg.bottleneck
+    if b.layer is not None:
+        from ..bottleneck import apply_bottleneck
+
+        try:
+            apply_bottleneck(model, b.layer, b.keep, b.mode)
+        except (AttributeError, TypeError, ValueError) as e:
+            raise ConfigError(f"bottleneck: {e}") from None
     r = cfg.rule
     example = torch.zeros(2, *in_shape, device=cfg.device) if get_rule(rule).direct else None
     try:
@@ -258,6 +285,7 @@ def train_one(
     last epoch's metrics row."""
     from ..alignment import AlignmentMonitor
 
+    cfg = cfg.for_rule(rule)
     seed_everything(seed, cfg.deterministic)
     train, test = data
     device = cfg.device
@@ -311,13 +339,16 @@ def train_one(
             lr = opt.param_groups[0]["lr"]
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
-            seen = 0
+            seen, measuring = 0, 0.0
             start = time.perf_counter()
             for x, y in train_loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if targets:
                     set_targets(model, y)
-                monitor.maybe_measure(step, epoch + 1, x, y)
+                if monitor.enabled and step % monitor.every == 0:
+                    t = time.perf_counter()
+                    monitor.measure(step, epoch + 1, x, y)
+                    measuring += time.perf_counter() - t
                 out = model(x)
                 loss = F.cross_entropy(out, y)
                 value = loss.item()
@@ -335,7 +366,7 @@ def train_one(
                     bar.set_postfix(
                         loss=f"{value:.3f}", acc=f"{float(correct) / seen:.3f}", refresh=False
                     )
-            epoch_time = time.perf_counter() - start
+            epoch_time = time.perf_counter() - start - measuring  # training only
             if sched is not None:
                 sched.step()
             epoch += 1
@@ -464,9 +495,10 @@ def run(
     resume: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] | None = print,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every (rule, seed) pair of ``cfg`` into ``run_dir``; returns their last metrics rows
-    and ``echo``es one summary line per pair.
+    and ``echo``es one summary line per pair; ``on_epoch`` gets every new metrics row.
 
     Raises ``ConfigError``/``DataError`` before anything is written, and ``DivergedError`` when
     a loss stops being finite (the run directory keeps everything written until then).
@@ -478,7 +510,7 @@ def run(
     results = []
     for rule in cfg.run_rules():
         for seed in cfg.seeds:
-            row = train_one(cfg, rule, seed, run_dir, data, progress=progress)
+            row = train_one(cfg, rule, seed, run_dir, data, progress=progress, on_epoch=on_epoch)
             results.append(row)
             if echo is not None and row:
                 echo(
