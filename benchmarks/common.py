@@ -228,6 +228,7 @@ def machine() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_1min": os.getloadavg()[0],
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

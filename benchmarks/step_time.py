@@ -207,7 +207,7 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any], device: torch.
         f"Machine: {info['cpu']} ({info['cores']} cores), torch {info['torch']}, "
         f"{info['threads']} thread(s), device {device}"
         + (f" ({info['gpu']})" if device.type == "cuda" and "gpu" in info else "")
-        + f"; {info['date_utc']}.",
+        + f"; started {info['date_utc']}, 1-minute load average {info['load_average_1min']:.1f}.",
         "",
     ]
     for res in results:
@@ -216,8 +216,8 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any], device: torch.
             f"{res['inner']} steps per rule, {res['warmup']} warm-up; {res['clock']} time)",
             "",
             f"| rule | median step ms | x bp | p10-p90 of x bp | target | met | x bp (wall) "
-            f"| {mem_col} | params+grads+state MiB |",
-            "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+            f"| x bp (fastest steps) | {mem_col} | params+grads+state MiB |",
+            "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
         ]
         for r in res["rows"]:
             target = "" if r["target"] is None else f"<= {r['target']:.2f}"
@@ -226,7 +226,7 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any], device: torch.
             lines.append(
                 f"| {r['rule']} | {r['median_ms']:.1f} | {r['ratio']:.3f} | "
                 f"{r['ratio_p10']:.3f}-{r['ratio_p90']:.3f} | {target} | {met} | "
-                f"{r['wall_ratio']:.3f} | {mib(mem)} "
+                f"{r['wall_ratio']:.3f} | {r['ratio_min']:.3f} | {mib(mem)} "
                 f"| {mib(r['persistent_bytes'])} |"
             )
         lines.append("")
