@@ -126,7 +126,10 @@ def test_other_user_errors(tmp_path, capsys):
     assert "cannot read config" in user_error(capsys, "train", str(tmp_path / "missing.yaml"))
     assert "not a biograd run directory" in user_error(capsys, "report", str(tmp_path))
     assert "no reproduction named 'nope'" in user_error(capsys, "reproduce", "nope")
-    assert "invalid choice" in user_error(capsys, "reproduce", "x", "--scale", "huge")
+    assert "unknown scale 'huge'" in user_error(
+        capsys, "reproduce", "example/digits-tiny", "--scale", "huge"
+    )
+    assert "invalid int value" in user_error(capsys, "compare", "--epochs", "ten")
     bad = tmp_path / "run"
     (bad / "checkpoints").mkdir(parents=True)
     config = tmp_path / "c.yaml"
