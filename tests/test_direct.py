@@ -511,9 +511,14 @@ def test_bad_options_fail_clearly() -> None:
 def test_feedback_weight_shapes() -> None:
     model = mlp()
     biograd.convert(model, "dfa")
-    assert biograd.feedback_weight(model[0]) is None  # its input is the data
+    # Without an example input every Linear is sized by in_features, the first one too (used
+    # when the model's input requires grad).
+    assert biograd.feedback_weight(model[0]).shape == (model[0].in_features, 4)
     assert biograd.feedback_weight(model[2]).shape == (9, 4)  # (d_in, C)
     assert biograd.feedback_weight(model[4]).shape == (8, 4)
+    # The example input shows that the first layer's input is data: no point there.
+    biograd.convert(model, "dfa", example_input=torch.randn(2, model[0].in_features))
+    assert biograd.feedback_weight(model[0]) is None
 
 
 # --------------------------------------------------------------------------- memory
@@ -658,3 +663,38 @@ def test_hashed_feedback_trains_a_cnn_on_digits_as_well_as_dense() -> None:
         acc[layout] = accuracy(model, xt, yt)
     assert acc["dense"] > 0.9
     assert acc["hashed"] > acc["dense"] - 0.04
+
+
+def test_deepcopy_rebinds_hooks_to_the_copy() -> None:
+    class Blocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.b1 = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+            self.b2 = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(self.b2(self.b1(x)))
+
+    model = biograd.convert(
+        Blocks(), "dfa", feedback_points=["b1", "b2"], example_input=torch.randn(2, 8)
+    )
+    clone = copy.deepcopy(model)
+    x, y = torch.randn(5, 8), torch.randint(0, 3, (5,))
+    F.cross_entropy(clone(x), y).backward()
+    assert all(p.grad is not None for p in clone.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    # The copy's hidden gradient is the original's (same feedback, same weights).
+    F.cross_entropy(model(x), y).backward()
+    torch.testing.assert_close(clone.b1[0].weight.grad, model.b1[0].weight.grad)
+
+
+def test_input_that_requires_grad_gets_the_first_layers_projection() -> None:
+    model = biograd.convert(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)), "dfa")
+    x = torch.randn(5, 8, requires_grad=True)
+    out = model(x)
+    e = torch.randn_like(out)
+    out.backward(e)
+    b0 = biograd.feedback_weight(model[0])
+    assert b0 is not None and b0.shape == (8, 3)
+    torch.testing.assert_close(x.grad, e @ b0.t())

@@ -21,6 +21,7 @@ See ``docs/direct.md`` for the maths, the layouts and their costs.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import zlib
@@ -480,6 +481,14 @@ class DirectFeedback(nn.Module):
         """Forget the points of an unfinished forward pass."""
         self.points = []
 
+    # Hooks are bound methods (not closures) so that ``copy.deepcopy`` of a model rebinds them to
+    # the copy's engine.
+    def _clear_hook(self, module: nn.Module, args: Any) -> None:
+        self.clear()
+
+    def _record_hook(self, key: str, module: nn.Module, args: Any, output: Any) -> Tensor:
+        return self.record(key, output)
+
 
 class _Inject(torch.autograd.Function):
     """Identity on the output; its backward sends ``B_k s(e)`` to every feedback point."""
@@ -628,8 +637,10 @@ def attach(
     classes = outputs.get(out_name, out_layer.weight.shape[0])
 
     if example_input is None:
+        # A Linear layer's point is sized by in_features, the first one's too: it is used when
+        # the model's input requires grad (an embedding below it, say).
         first = order[0]
-        for n in explicit or [n for n in layers if n != first]:
+        for n in explicit or [n for n in layers if n != first or isinstance(modules[n], nn.Linear)]:
             m = modules[n]
             if isinstance(m, nn.Linear) and not explicit:
                 sizes[n] = m.in_features
@@ -654,9 +665,9 @@ def attach(
             layer.direct_role = "none" if explicit else "hidden"
 
     handles = hooks["hooks"]
-    handles.append(model.register_forward_pre_hook(lambda m, a: engine.clear()))
+    handles.append(model.register_forward_pre_hook(engine._clear_hook))
     for n in explicit:
-        handles.append(modules[n].register_forward_hook(lambda m, a, o, n=n: engine.record(n, o)))
+        handles.append(modules[n].register_forward_hook(functools.partial(engine._record_hook, n)))
     if explicit:
         hooks["points"] = list(explicit)
     elif sizes:
