@@ -134,12 +134,13 @@ def test_b_orthogonal_to_w_gives_90() -> None:
 
 
 def test_one_hidden_layer_dfa_with_feedback_set_to_output_weights_gives_zero() -> None:
-    model = biograd.convert(nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 4)), "dfa")
+    net = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 4))
+    model = biograd.convert(net, "dfa", example_input=torch.randn(2, 12))
     engine = model[2].direct_feedback
     with torch.no_grad():
         engine.point_2.copy_(model[2].weight.t())
     weight = weight_alignment(model)
-    assert set(weight) == {"2"}  # the first layer has no feedback point
+    assert set(weight) == {"2"}  # the first layer's input is data: no feedback point
     assert weight["2"]["angle"] == pytest.approx(0.0, abs=TOL)
     assert weight["2"]["norm_ratio"] == pytest.approx(1.0)
     x, y = batch()
@@ -395,3 +396,59 @@ def test_bottleneck_sweep_rows() -> None:
     assert all(0.0 < r["angle"] < 180.0 for r in rows if r["rule"] == "drtp")
     narrow = bottleneck_sweep(lambda: mlp(classes=3), "3", [2], data, mode="narrow", epochs=1)
     assert narrow[0]["mode"] == "narrow" and math.isfinite(narrow[0]["angle"])
+
+
+def _train_monitored(rule: str, reuse: bool, path, fresh_batches: bool = False) -> list[dict]:
+    torch.manual_seed(0)
+    x, y = image_batch()
+    model = biograd.convert(convnet(), rule, example_input=x).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = AlignmentMonitor(model, F.cross_entropy, every=2, csv_path=path, reuse_step=reuse)
+    rows: list[dict] = []
+    for step in range(5):
+        if rule == "drtp":
+            biograd.set_targets(model, y)
+        rows += monitor.maybe_measure(step, 0, x, y)
+        xb = x.clone() if fresh_batches else x
+        opt.zero_grad()
+        F.cross_entropy(model(xb), y).backward()
+        opt.step()
+    monitor.close()
+    return rows
+
+
+@pytest.mark.parametrize("rule", ("brsf", "dfa", "drtp"))
+def test_reuse_step_measures_the_same_as_a_separate_pass(rule: str, tmp_path) -> None:
+    _train_monitored(rule, False, tmp_path / "a.csv")
+    _train_monitored(rule, True, tmp_path / "b.csv")
+
+    def read(name: str) -> dict[tuple[str, str, str], dict[str, str]]:
+        with (tmp_path / name).open() as f:
+            return {(r["step"], r["kind"], r["layer"]): r for r in csv.DictReader(f)}
+
+    separate, reused = read("a.csv"), read("b.csv")
+    assert separate.keys() == reused.keys()
+    assert {k[0] for k in separate} == {"0", "2", "4"}
+    for k, r in separate.items():
+        for col in ("angle", "delta_cos_mean", "norm_ratio"):
+            if r[col] == "":
+                assert reused[k][col] == ""
+            else:
+                assert float(reused[k][col]) == pytest.approx(float(r[col]), abs=1e-3), (k, col)
+
+
+def test_reuse_step_without_the_batch_writes_no_gradient_rows(tmp_path, caplog) -> None:
+    rows = _train_monitored("fa", True, tmp_path / "a.csv", fresh_batches=True)
+    assert rows and {r["kind"] for r in rows} == {"weight"}
+    assert "did not run its batch" in caplog.text
+
+
+def test_bottleneck_command_writes_csv_and_plot(tmp_path) -> None:
+    from biograd.bottleneck import main
+
+    main(["--widths", "2,8", "--rules", "bp", "--epochs", "1", "--hidden", "16,16", "--out", str(tmp_path)])  # fmt: skip
+    with (tmp_path / "bottleneck.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["width"] for r in rows] == ["2", "8"]
+    assert all(float(r["angle"]) == pytest.approx(0.0, abs=TOL) for r in rows)
+    assert (tmp_path / "bottleneck.png").stat().st_size > 1000
