@@ -179,11 +179,15 @@ def test_compiled_under_bf16_autocast_equals_eager() -> None:
 
 
 # ------------------------------------------------------------------ fp16 + GradScaler
-def _unscaled_grads(kind: str, rule: str, scaler: bool) -> dict[str, Tensor]:
+def _unscaled_grads(
+    kind: str, rule: str, scaler: bool, tell_scale: bool = True
+) -> dict[str, Tensor]:
     model = _model(kind, rule)
     x, y = _data(kind)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     sc = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=scaler)
+    if tell_scale:
+        biograd.set_loss_scale(model, sc.get_scale())
     with torch.autocast("cpu", dtype=torch.float16):
         loss = _loss(model, x, y)
     sc.scale(loss).backward()
@@ -200,16 +204,15 @@ def test_grad_scaler_fp16_unscaled_gradients_match(rule: str) -> None:
         torch.testing.assert_close(got[name], ref[name], rtol=2e-3, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sdfa's sign(e) and drtp's -y*/N drop the loss scale, so GradScaler's unscale "
-    "divides their hidden-layer gradients by the scale (see docs/scaling.md)",
-)
 @pytest.mark.parametrize("rule", ["sdfa", "drtp"])
 def test_grad_scaler_with_scale_free_direct_signals(rule: str) -> None:
+    """sdfa's sign(e) and drtp's -y*/N do not carry the loss scale: biograd.set_loss_scale hands
+    it over, and without it the unscaled hidden gradients are too small by the scale."""
     ref, got = _unscaled_grads("mlp", rule, False), _unscaled_grads("mlp", rule, True)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=2e-3, atol=1e-5)
+    untold = _unscaled_grads("mlp", rule, True, tell_scale=False)
+    assert not torch.allclose(untold["0.weight"], ref["0.weight"], rtol=0.1)
 
 
 # ------------------------------------------------------------------ channels_last

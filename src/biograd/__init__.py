@@ -15,6 +15,7 @@ from .convert import (
     converted_layers,
     exact,
     feedback_weight,
+    set_loss_scale,
     set_targets,
 )
 from .rules import get_rule, rule_names
@@ -35,6 +36,7 @@ __all__ = [
     "feedback_weight",
     "get_rule",
     "gradient_alignment",
+    "set_loss_scale",
     "set_targets",
     "weight_alignment",
 ]

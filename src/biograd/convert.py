@@ -308,3 +308,13 @@ def set_targets(model: nn.Module, targets: Tensor) -> None:
         raise ValueError("set_targets: the model has no direct-feedback rule")
     for e in engines:
         e.targets = targets
+
+
+def set_loss_scale(model: nn.Module, scale: float) -> None:
+    """Tell a model on ``sdfa`` or ``drtp`` by what factor the loss is scaled before backward
+    (``scaler.get_scale()`` of an fp16 ``torch.amp.GradScaler``). Their signals, ``sign(e)`` and
+    the targets, do not carry the loss scale that ``e`` carries, so without this the scaler's
+    unscale step would shrink their hidden-layer gradients by the scale. No-op for other rules."""
+    for m in model.modules():
+        if isinstance(m, DirectFeedback):
+            m.loss_scale = float(scale)

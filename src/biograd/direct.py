@@ -103,6 +103,8 @@ class DirectRule(Rule):
 
     direct: ClassVar[bool] = True
     needs_targets: ClassVar[bool] = False
+    # True when the signal does not carry the error's magnitude, hence not a loss scale either.
+    scale_free: ClassVar[bool] = False
 
     def signal(self, e: Tensor, targets: Tensor | None) -> Tensor | None:
         raise NotImplementedError
@@ -125,6 +127,7 @@ class SignDFA(DirectRule):
 
     name = "sdfa"
     paper = "Frenkel, Lefebvre, Bol 2021 (sDFA)"
+    scale_free = True
 
     def signal(self, e: Tensor, targets: Tensor | None) -> Tensor | None:
         return torch.sign(e) / e.shape[0]
@@ -139,6 +142,7 @@ class DRTP(DirectRule):
     name = "drtp"
     paper = "Frenkel, Lefebvre, Bol 2021"
     needs_targets = True
+    scale_free = True
 
     def signal(self, e: Tensor, targets: Tensor | None) -> Tensor | None:
         if targets is None:
@@ -252,6 +256,9 @@ class DirectFeedback(nn.Module):
         self.exact = False
         self.points: list[_Point] = []
         self.targets: Tensor | None = None
+        # The factor by which the loss was scaled before backward (fp16 GradScaler): sdfa's and
+        # drtp's signals do not carry it, so the engine multiplies them by it.
+        self.loss_scale = 1.0
         gen = torch.Generator().manual_seed(seed)
         gdtype = torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -391,6 +398,8 @@ class DirectFeedback(nn.Module):
         s = self.rule.signal(e.reshape(rows, -1), targets)
         if s is None:
             return [None] * len(keys)
+        if self.rule.scale_free and self.loss_scale != 1.0:
+            s = s * self.loss_scale
         dtype = self._feedback_dtype()
         s = s.to(dtype)
         ds = [_features(shape, self.batch_dims) for shape in shapes]
