@@ -47,14 +47,20 @@ def make_model(rule: str, d_in: int, hidden: int, classes: int) -> nn.Module:
     return biograd.convert(model, rule, seed=0)
 
 
-def train(rule: str, ds: Dataset, args: argparse.Namespace, every: int) -> tuple[float, float]:
+def train(
+    rule: str, ds: Dataset, args: argparse.Namespace, every: int, reuse: bool = False
+) -> tuple[float, float]:
     """(CPU seconds, wall seconds) to train ``args.steps`` steps, measuring every ``every``."""
     model = make_model(rule, ds.x[0].numel(), args.hidden, ds.classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loader = Loader(ds, args.batch, shuffle=True, drop_last=True, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         monitor = AlignmentMonitor(
-            model, F.cross_entropy, every=every, csv_path=Path(tmp) / "alignment.csv"
+            model,
+            F.cross_entropy,
+            every=every,
+            csv_path=Path(tmp) / "alignment.csv",
+            reuse_step=reuse,
         )
         cpu, wall = time.process_time(), time.perf_counter()
         step, epoch, correct, seen, loss_sum = 0, 0, 0, 0, 0.0
@@ -81,14 +87,19 @@ def train(rule: str, ds: Dataset, args: argparse.Namespace, every: int) -> tuple
     return cpu, wall
 
 
-def components(rule: str, ds: Dataset, args: argparse.Namespace) -> tuple[float, float]:
-    """(CPU seconds per training step, CPU seconds per measurement), minima over blocks."""
+def components(rule: str, ds: Dataset, args: argparse.Namespace) -> tuple[float, float, float]:
+    """CPU seconds of a training step, of a measurement, and of a ``reuse_step`` measurement
+    (what it adds to the step it reads); minima over blocks."""
     model = make_model(rule, ds.x[0].numel(), args.hidden, ds.classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loader = Loader(ds, args.batch, shuffle=True, drop_last=True, seed=0)
     batches = list(loader)
     with tempfile.TemporaryDirectory() as tmp:
-        monitor = AlignmentMonitor(model, F.cross_entropy, every=1, csv_path=Path(tmp) / "a.csv")
+        csv_path = Path(tmp) / "a.csv"
+        separate = AlignmentMonitor(model, F.cross_entropy, every=1, csv_path=csv_path)
+        reused = AlignmentMonitor(
+            model, F.cross_entropy, every=1, csv_path=csv_path, reuse_step=True
+        )
 
         def step(i: int) -> None:
             x, y = batches[i % len(batches)]
@@ -104,10 +115,18 @@ def components(rule: str, ds: Dataset, args: argparse.Namespace) -> tuple[float,
 
         def measure(i: int) -> None:
             x, y = batches[i % len(batches)]
-            monitor.measure(i, 0, x, y)
+            separate.measure(i, 0, x, y)
+
+        def measure_reused(i: int) -> None:  # a measurement, the step it reads, and its rows
+            x, y = batches[i % len(batches)]
+            if rule == "drtp":
+                biograd.set_targets(model, y)
+            reused.measure(i, 0, x, y)
+            step(i)
+            reused._finish()
 
         per_call = []
-        for fn, calls in ((step, 50), (measure, 5)):
+        for fn, calls in ((step, 50), (measure, 5), (measure_reused, 5)):
             fn(0)
             best = math.inf
             for _ in range(args.blocks):
@@ -116,8 +135,9 @@ def components(rule: str, ds: Dataset, args: argparse.Namespace) -> tuple[float,
                     fn(i)
                 best = min(best, (time.process_time() - t) / calls)
             per_call.append(best)
-        monitor.close()
-    return per_call[0], per_call[1]
+        separate.close()
+        reused.close()
+    return per_call[0], per_call[1], per_call[2] - per_call[0]
 
 
 def main() -> None:
@@ -142,29 +162,34 @@ def main() -> None:
         f"measure every {args.every} steps"
     )
     print("\n1. components (CPU time, minimum over blocks)\n")
-    print("| rule | step (ms) | measurement (ms) | measurement / step | overhead |")
-    print("|---|---|---|---|---|")
+    print(
+        "| rule | step (ms) | measurement (ms) | overhead | reuse_step measurement (ms) "
+        "| overhead |"
+    )
+    print("|---|---|---|---|---|---|")
     for rule in args.rules.split(","):
-        t_step, t_meas = components(rule, ds, args)
+        t_step, t_meas, t_reuse = components(rule, ds, args)
         print(
-            f"| {rule} | {1e3 * t_step:.3f} | {1e3 * t_meas:.3f} | {t_meas / t_step:.2f} "
-            f"| {100 * t_meas / (args.every * t_step):.2f}% |"
+            f"| {rule} | {1e3 * t_step:.3f} | {1e3 * t_meas:.3f} "
+            f"| {100 * t_meas / (args.every * t_step):.2f}% | {1e3 * t_reuse:.3f} "
+            f"| {100 * t_reuse / (args.every * t_step):.2f}% |"
         )
     if args.repeats <= 0:
         return
     print(f"\n2. end to end ({args.steps} steps, median CPU time of {args.repeats} repeats)\n")
-    print("| rule | off (s) | on (s) | overhead | spread of the off runs |")
-    print("|---|---|---|---|---|")
+    print("| rule | off (s) | on (s) | overhead | on, reuse_step (s) | overhead | spread of off |")
+    print("|---|---|---|---|---|---|---|")
     for rule in args.rules.split(","):
-        off, on = [], []
+        runs: dict[str, list[float]] = {"off": [], "on": [], "reuse": []}
         for _ in range(args.repeats):
-            off.append(train(rule, ds, args, 0)[0])
-            on.append(train(rule, ds, args, args.every)[0])
-        c_off, c_on = statistics.median(off), statistics.median(on)
-        spread = 100 * (max(off) - min(off)) / c_off
+            runs["off"].append(train(rule, ds, args, 0)[0])
+            runs["on"].append(train(rule, ds, args, args.every)[0])
+            runs["reuse"].append(train(rule, ds, args, args.every, reuse=True)[0])
+        off, on, reuse = (statistics.median(runs[k]) for k in ("off", "on", "reuse"))
+        spread = 100 * (max(runs["off"]) - min(runs["off"])) / off
         print(
-            f"| {rule} | {c_off:.3f} | {c_on:.3f} | {100 * (c_on - c_off) / c_off:+.2f}% "
-            f"| {spread:.1f}% |"
+            f"| {rule} | {off:.3f} | {on:.3f} | {100 * (on - off) / off:+.2f}% | {reuse:.3f} "
+            f"| {100 * (reuse - off) / off:+.2f}% | {spread:.1f}% |"
         )
 
 

@@ -252,16 +252,11 @@ class _Pass:
     deltas: dict[str, list[Tensor | None]]
 
 
-def _run_pass(
-    model: nn.Module,
-    layers: Mapping[str, FeedbackLayer],
-    params: Sequence[Tensor],
-    loss_fn: LossFn,
-    inputs: Any,
-    targets: Any,
-    needs_targets: bool,
-) -> _Pass:
-    deltas: dict[str, list[Tensor | None]] = {name: [] for name in layers}
+def _delta_hooks(
+    layers: Mapping[str, FeedbackLayer], deltas: dict[str, list[Tensor | None]]
+) -> list[Any]:
+    """Forward hooks that record, for every call of every layer, the gradient that reaches the
+    layer's output in the next backward pass (``dLoss/da``, the layer's delta)."""
 
     def capture(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
@@ -278,18 +273,64 @@ def _run_pass(
 
         return hook
 
-    handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
+    return [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
+
+
+def _run_pass(setup: _Setup, loss_fn: LossFn, inputs: Any, targets: Any) -> _Pass:
+    deltas: dict[str, list[Tensor | None]] = {name: [] for name in setup.layers}
+    handles = _delta_hooks(setup.layers, deltas)
     try:
-        if needs_targets:
-            set_targets(model, targets)
+        if setup.needs_targets:
+            set_targets(setup.model, targets)
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         with torch.enable_grad():
-            loss = loss_fn(model(*args), targets)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            loss = loss_fn(setup.model(*args), targets)
+            grads = torch.autograd.grad(loss, setup.params, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
     return _Pass(list(grads), deltas)
+
+
+@dataclass
+class _Setup:
+    """The converted layers and trainable parameters that a measurement compares."""
+
+    model: nn.Module
+    layers: dict[str, FeedbackLayer]
+    params: list[Tensor]
+    weights: dict[str, int]  # layer name -> index of its weight in params
+    needs_targets: bool
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _Setup:
+        layers = dict(converted_layers(model))
+        if not layers:
+            raise ValueError(
+                "gradient_alignment: the model has no converted layer; use biograd.convert"
+            )
+        feedback = {id(m._parameters.get("feedback")) for m in layers.values()}
+        params: list[Tensor] = [
+            p for p in model.parameters() if p.requires_grad and id(p) not in feedback
+        ]
+        index = {id(p): i for i, p in enumerate(params)}
+        weights = {n: index[id(m.weight)] for n, m in layers.items() if id(m.weight) in index}
+        needs_targets = any(
+            getattr(e.rule, "needs_targets", False)
+            for e in model.modules()
+            if isinstance(e, DirectFeedback)
+        )
+        return cls(model, layers, params, weights, needs_targets)
+
+
+def _exact_pass(setup: _Setup, loss_fn: LossFn, inputs: Any, targets: Any) -> _Pass:
+    """Backprop's side of a measurement, leaving the model's state as found."""
+    snap = _Snapshot.take(setup.model)
+    try:
+        with exact(setup.model):
+            return _run_pass(setup, loss_fn, inputs, targets)
+    finally:
+        snap.restore()
 
 
 def _delta_cosines(rule: list[Tensor | None], bp: list[Tensor | None]) -> tuple[float, float]:
@@ -340,46 +381,33 @@ def gradient_alignment(
         (Kolen-Pollack's feedback excluded). NaN where a quantity is undefined (a zero
         gradient, e.g. the hidden layers of ``shallow``).
     """
-    layers = dict(converted_layers(model))
-    if not layers:
-        raise ValueError(
-            "gradient_alignment: the model has no converted layer; use biograd.convert"
-        )
-    feedback_params = {id(m._parameters.get("feedback")) for m in layers.values()}
-    params = [p for p in model.parameters() if p.requires_grad and id(p) not in feedback_params]
-    weights = {
-        name: next(i for i, p in enumerate(params) if p is m.weight)
-        for name, m in layers.items()
-        if m.weight.requires_grad
-    }
-    needs_targets = any(
-        getattr(e.rule, "needs_targets", False)
-        for e in model.modules()
-        if isinstance(e, DirectFeedback)
-    )
+    setup = _Setup.of(model)
     snap = _Snapshot.take(model)
     try:
-        rule = _run_pass(model, layers, params, loss_fn, inputs, targets, needs_targets)
+        rule = _run_pass(setup, loss_fn, inputs, targets)
         snap.rewind()
         with exact(model):
-            bp = _run_pass(model, layers, params, loss_fn, inputs, targets, needs_targets)
+            bp = _run_pass(setup, loss_fn, inputs, targets)
     finally:
         snap.restore()
+    return _compare(setup, rule, bp)
 
+
+def _compare(setup: _Setup, rule: _Pass, bp: _Pass) -> dict[str, dict[str, float]]:
     per_param: list[_Pairs | None] = []
     for r, b in zip(rule.grads, bp.grads):
         if r is None and b is None:
             per_param.append(None)
-        else:
-            if r is None:
-                assert b is not None
-                r = torch.zeros_like(b)
-            elif b is None:
-                b = torch.zeros_like(r)
-            per_param.append(_Pairs([(r, b)]))
+            continue
+        if r is None:
+            assert b is not None
+            r = torch.zeros_like(b)
+        elif b is None:
+            b = torch.zeros_like(r)
+        per_param.append(_Pairs([(r, b)]))
     result: dict[str, dict[str, float]] = {}
-    for name in layers:
-        i = weights.get(name)
+    for name in setup.layers:
+        i = setup.weights.get(name)
         pair = per_param[i] if i is not None else None
         mean, std = _delta_cosines(rule.deltas[name], bp.deltas[name])
         result[name] = {
@@ -389,6 +417,56 @@ def gradient_alignment(
         }
     result[NETWORK] = {"angle": _Pairs.join([p for p in per_param if p is not None]).angle()}
     return result
+
+
+class _Capture:
+    """The rule's side of a measurement, read off the training step that follows it: armed by
+    :meth:`AlignmentMonitor.measure` with ``reuse_step=True``, it records the deltas and the
+    parameter gradients of the first forward/backward pass of the model whose first input is
+    the measured batch."""
+
+    def __init__(self, setup: _Setup, inputs: Any) -> None:
+        self.setup = setup
+        self.first = inputs[0] if isinstance(inputs, tuple) else inputs
+        self.deltas: dict[str, list[Tensor | None]] = {name: [] for name in setup.layers}
+        self.grads: list[Tensor | None] = [None] * len(setup.params)
+        self.matched = False
+        self.handles: list[Any] = [setup.model.register_forward_pre_hook(self._pre)]
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        if not (args and args[0] is self.first and torch.is_grad_enabled()):
+            return
+        self.matched = True
+        self.handles = _delta_hooks(self.setup.layers, self.deltas)
+        self.handles.append(self.setup.model.register_forward_hook(self._post))
+        for i, p in enumerate(self.setup.params):
+            self.handles.append(p.register_hook(self._store(i)))
+
+    def _post(self, module: nn.Module, args: Any, out: Any) -> None:
+        # no more delta hooks after this forward pass; the parameter hooks stay for its backward
+        n = len(self.setup.layers)
+        for h in self.handles[: n + 1]:
+            h.remove()
+        self.handles = self.handles[n + 1 :]
+
+    def _store(self, i: int) -> Callable[[Tensor], None]:
+        def store(g: Tensor) -> None:
+            if self.grads[i] is None:
+                self.grads[i] = g.detach()
+
+        return store
+
+    def finish(self, bp: _Pass) -> dict[str, dict[str, float]] | None:
+        """The comparison with ``bp``, or None if the training step did not run the batch."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        if not self.matched or all(g is None for g in self.grads):
+            return None
+        return _compare(self.setup, _Pass(self.grads, self.deltas), bp)
 
 
 # --------------------------------------------------------------------------- monitor
@@ -408,9 +486,21 @@ class AlignmentMonitor:
     a training loop and appends the rows to ``alignment.csv`` (columns :data:`CSV_COLUMNS`) and,
     when the ``tensorboard`` package is installed, to a TensorBoard log.
 
-    Call :meth:`maybe_measure` once per step with the step's batch, before or after the
-    optimizer step (the measurement leaves the model's state as it found it). With ``every=0``
-    (or on a step that is not a multiple of ``every``) it returns at once: one comparison.
+    Call :meth:`maybe_measure` once per step with the step's batch. With ``every=0`` (or on a
+    step that is not a multiple of ``every``) it returns at once: one comparison.
+
+    Two ways to get the rule's side of the gradient comparison:
+
+    - ``reuse_step=False`` (default): :func:`gradient_alignment` runs the rule and backprop on
+      the batch itself (two forward/backward passes) and leaves the model as it found it; call
+      it anywhere in the step.
+    - ``reuse_step=True``: only backprop's pass runs at the call; the rule's deltas and gradients
+      are read (by hooks, without copies of the model) off the training step's own
+      forward/backward pass, which must come next and take the same ``inputs`` object as its
+      first argument: call ``maybe_measure`` right before the training forward pass. The RNG
+      and brsf state are restored before that pass, so its dropout masks and ``B_t`` are those
+      backprop's pass used. The gradient rows are written at the next call of
+      ``maybe_measure`` (or at :meth:`close`). This halves the cost of a measurement.
 
     Args:
         model: the converted model being trained.
@@ -421,6 +511,7 @@ class AlignmentMonitor:
             ``tensorboard`` is not installed.
         tags: values of the ``rule`` and ``seed`` columns (default: the model's most common
             rule, and an empty seed).
+        reuse_step: see above.
     """
 
     def __init__(
@@ -431,14 +522,17 @@ class AlignmentMonitor:
         csv_path: str | Path | None = None,
         tensorboard_dir: str | Path | None = None,
         tags: Mapping[str, Any] | None = None,
+        reuse_step: bool = False,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.every = int(every)
         self.csv_path = Path(csv_path) if csv_path is not None else None
+        self.reuse_step = reuse_step
         tags = dict(tags or {})
         self.rule = str(tags.get("rule", _main_rule(model)))
         self.seed = tags.get("seed", "")
+        self._pending: tuple[dict[str, Any], _Capture, _Pass] | None = None
         self._writer: Any = None
         if tensorboard_dir is not None and self.every > 0:
             try:
@@ -456,29 +550,54 @@ class AlignmentMonitor:
         self, step: int, epoch: int, inputs: Any, targets: Any
     ) -> list[dict[str, Any]]:
         """Measure on this batch if ``step`` is a multiple of ``every``; return the rows written
-        (empty otherwise)."""
-        if self.every <= 0 or step % self.every:
+        by this call (empty otherwise)."""
+        if self.every <= 0:
             return []
-        return self.measure(step, epoch, inputs, targets)
+        rows = self._finish() if self._pending is not None else []
+        if step % self.every:
+            return rows
+        return rows + self.measure(step, epoch, inputs, targets)
 
     def measure(self, step: int, epoch: int, inputs: Any, targets: Any) -> list[dict[str, Any]]:
         """Measure now and write the rows: one ``weight`` row per layer with a feedback matrix,
-        one ``gradient`` row per converted layer, and a ``gradient`` row for ``<network>``."""
+        one ``gradient`` row per converted layer, and a ``gradient`` row for ``<network>``
+        (with ``reuse_step``, the gradient rows come at the next call)."""
+        if self._pending is not None:
+            self._finish()
         base = {"rule": self.rule, "seed": self.seed, "epoch": epoch, "step": step}
-        empty = {
-            "angle": math.nan,
-            "norm_ratio": math.nan,
-            "delta_cos_mean": math.nan,
-            "delta_cos_std": math.nan,
-        }
-        rows: list[dict[str, Any]] = []
-        for layer, values in weight_alignment(self.model).items():
-            rows.append({**base, "layer": layer, "kind": "weight", **empty, **values})
-        grad = gradient_alignment(self.model, self.loss_fn, inputs, targets)
-        for layer, values in grad.items():
-            rows.append({**base, "layer": layer, "kind": "gradient", **empty, **values})
+        rows = self._rows(base, "weight", weight_alignment(self.model))
+        if self.reuse_step:
+            setup = _Setup.of(self.model)
+            bp = _exact_pass(setup, self.loss_fn, inputs, targets)
+            self._pending = (base, _Capture(setup, inputs), bp)
+        else:
+            grad = gradient_alignment(self.model, self.loss_fn, inputs, targets)
+            rows += self._rows(base, "gradient", grad)
         self._write(rows)
         return rows
+
+    def _finish(self) -> list[dict[str, Any]]:
+        assert self._pending is not None
+        base, capture, bp = self._pending
+        self._pending = None
+        grad = capture.finish(bp)
+        if grad is None:
+            log.warning(
+                "alignment: the step after the measurement at step %s did not run its batch; "
+                "with reuse_step=True call maybe_measure right before the training forward pass",
+                base["step"],
+            )
+            return []
+        rows = self._rows(base, "gradient", grad)
+        self._write(rows)
+        return rows
+
+    @staticmethod
+    def _rows(
+        base: dict[str, Any], kind: str, values: dict[str, dict[str, float]]
+    ) -> list[dict[str, Any]]:
+        empty = dict.fromkeys(("angle", "norm_ratio", "delta_cos_mean", "delta_cos_std"), math.nan)
+        return [{**base, "layer": k, "kind": kind, **empty, **v} for k, v in values.items()]
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         if self.csv_path is not None:
@@ -498,7 +617,9 @@ class AlignmentMonitor:
                         self._writer.add_scalar(tag, value, row["step"])
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer, if any."""
+        """Write a pending measurement, then flush and close the TensorBoard writer, if any."""
+        if self._pending is not None:
+            self._finish()
         if self._writer is not None:
             self._writer.close()
             self._writer = None

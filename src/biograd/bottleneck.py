@@ -286,3 +286,59 @@ def bottleneck_sweep(
                     }
                 )
     return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m biograd.bottleneck``: a bottleneck sweep on an MLP, written as CSV and PNG."""
+    import argparse
+    import csv
+    from pathlib import Path
+
+    from .data import load_dataset
+    from .experiment.plots import plot_bottleneck
+    from .models import build_model
+
+    p = argparse.ArgumentParser(prog="python -m biograd.bottleneck", description=main.__doc__)
+    p.add_argument("--data", default="digits")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--hidden", default="256,256,256", help="widths of the MLP's hidden layers")
+    p.add_argument("--layer", default="fc2", help="the bottleneck layer (module name)")
+    p.add_argument("--widths", default="1,2,4,8,16,32,64,128,256")
+    p.add_argument("--rules", default="bp,fa,dfa")
+    p.add_argument("--mode", choices=MODES, default="mask")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", default="runs/bottleneck", help="directory for bottleneck.csv/.png")
+    args = p.parse_args(argv)
+
+    train = load_dataset(args.data, root=args.data_dir, split="train")
+    test = load_dataset(args.data, root=args.data_dir, split="test")
+    data = TensorData.from_datasets(train, test)
+    hidden = [int(w) for w in args.hidden.split(",")]
+
+    def build() -> nn.Module:
+        return build_model("mlp", in_shape=tuple(train.shape), classes=data.classes, widths=hidden)
+
+    rows = bottleneck_sweep(
+        build, args.layer, [int(w) for w in args.widths.split(",")], data,
+        rules=args.rules.split(","), mode=args.mode, seeds=range(args.seeds), epochs=args.epochs,
+        lr=args.lr, batch_size=args.batch_size,
+    )  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = ["rule", "mode", "layer", "width", "seed", "angle", "delta_cos_mean", "network_angle", "train_loss", "test_acc"]  # fmt: skip
+    with (out / "bottleneck.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    for r in rows:
+        print(
+            f"{r['rule']:>6} width {r['width']:>4}: angle {r['angle']:6.1f}  test acc {r['test_acc']:.3f}"
+        )
+    print(f"wrote {plot_bottleneck(rows, out / 'bottleneck.png')} and {out / 'bottleneck.csv'}")
+
+
+if __name__ == "__main__":
+    main()
