@@ -332,14 +332,15 @@ def train_one(
         file=sys.stderr,
     )
     row: dict[str, Any] = {}
+    shown: dict[str, Any] = {}  # the progress bar's postfix
     model.train()
     try:
         while epoch < cfg.epochs:
             train_loader.set_epoch(epoch)
             lr = opt.param_groups[0]["lr"]
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            loss_sum, seen, measuring = 0.0, 0, 0.0
             correct = torch.zeros((), dtype=torch.int64, device=device)
-            seen, measuring = 0, 0.0
+            shown["epoch"] = f"{epoch + 1}/{cfg.epochs}"
             start = time.perf_counter()
             for x, y in train_loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -363,9 +364,8 @@ def train_one(
                 seen += len(y)
                 bar.update()
                 if step % 10 == 0:
-                    bar.set_postfix(
-                        loss=f"{value:.3f}", acc=f"{float(correct) / seen:.3f}", refresh=False
-                    )
+                    shown.update(loss=f"{value:.3f}", acc=f"{float(correct) / seen:.3f}")
+                    bar.set_postfix(shown, refresh=False)
             epoch_time = time.perf_counter() - start - measuring  # training only
             if sched is not None:
                 sched.step()
@@ -376,7 +376,7 @@ def train_one(
                 "seed": seed,
                 "epoch": epoch,
                 "step": step,
-                "train_loss": float(loss_sum) / seen,
+                "train_loss": loss_sum / seen,
                 "train_acc": float(correct) / seen,
                 "test_loss": test_loss,
                 "test_acc": test_acc,
@@ -397,11 +397,8 @@ def train_one(
                 },
                 ckpt,
             )
-            bar.set_postfix(
-                loss=f"{row['train_loss']:.3f}",
-                acc=f"{row['train_acc']:.3f}",
-                test=f"{test_acc:.3f}",
-            )
+            shown["test_acc"] = f"{test_acc:.3f}"
+            bar.set_postfix(shown)
             if writer is not None:
                 for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
                     writer.add_scalar(key, row[key], epoch)
