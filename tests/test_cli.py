@@ -97,6 +97,7 @@ def test_train_from_yaml_with_overrides(tmp_path, capsys):
         ),
         (["rule.name=fb"], "unknown rule 'fb'"),
         (["model.name=resnet"], "unknown model 'resnet'"),
+        (["optim.nesterov=true", "optim.momentum=0"], "optim: Nesterov momentum requires"),
     ],
 )
 def test_bad_config_is_one_line_and_writes_nothing(tmp_path, capsys, args, expected):

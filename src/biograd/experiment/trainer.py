@@ -165,22 +165,31 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     from ..optim import wrap
 
     o = cfg.optim
-    params = list(model.parameters())
-    opt: torch.optim.Optimizer
-    if o.name == "sgd":
-        opt = torch.optim.SGD(
-            params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
-        )
-    elif o.name == "adam":
-        opt = torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     return wrap(
-        opt,
+        base_optimizer(cfg, list(model.parameters())),
         manhattan=o.manhattan,
         no_sign_change=o.no_sign_change,
         norm_constraint=model if o.weight_norm else None,
     )
+
+
+def base_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The torch optimizer of ``cfg.optim`` (``ConfigError`` for settings torch rejects)."""
+    o = cfg.optim
+    try:
+        if o.name == "sgd":
+            return torch.optim.SGD(
+                params,
+                lr=o.lr,
+                momentum=o.momentum,
+                nesterov=o.nesterov,
+                weight_decay=o.weight_decay,
+            )
+        if o.name == "adam":
+            return torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    except ValueError as e:  # e.g. nesterov without momentum, a beta outside [0, 1)
+        raise ConfigError(f"optim: {e}") from None
 
 
 def make_scheduler(cfg: Config, opt: torch.optim.Optimizer) -> Any:
@@ -480,6 +489,7 @@ def check(cfg: Config) -> None:
             raise ConfigError(
                 f"unknown config key 'model.{key}' for model {cfg.model.name!r}{hint}"
             )
+    base_optimizer(cfg, [nn.Parameter(torch.zeros(1))])
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device}: torch sees no CUDA device here")
