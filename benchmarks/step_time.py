@@ -4,7 +4,9 @@ For each benchmark network, one process holds one copy per rule (same initial we
 batch), converted with ``biograd.convert``, each with its own SGD optimizer. The rules are timed
 interleaved (round-robin, rotating order) after a warm-up; the reported time is the median over all
 timed steps (forward + cross-entropy + backward + optimizer step). The baseline ``bp`` is the
-plain, unconverted torch model; ``bp (converted)`` shows what the conversion itself costs.
+plain, unconverted torch model; ``bp (2nd copy)`` is a second plain copy (an A/A control: its
+ratio shows the noise floor of the measurement); ``bp (converted)`` is ``convert(model, "bp")``,
+the cost of the conversion machinery alone.
 
     .venv/bin/python benchmarks/step_time.py                  # all cases, CPU
     .venv/bin/python benchmarks/step_time.py --quick          # smoke run (small batches)
@@ -50,6 +52,7 @@ FA_FAMILY = ("fa", "usf", "frsf", "kp")
 ALL_RULES = ("bp", "fa", "usf", "frsf", "brsf", "kp", "dfa")
 BASE = "bp"
 CONVERTED_BP = "bp (converted)"
+CONTROL = "bp (2nd copy)"  # a second plain model: its ratio shows the noise floor (A/A control)
 
 
 @dataclass
@@ -138,9 +141,9 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict
 
     rules = [r for r in case.rules if args.rules is None or r in args.rules or r == BASE]
     trainees: list[Trainee] = []
-    for label in [BASE, CONVERTED_BP, *[r for r in rules if r != BASE]]:
+    for label in [BASE, CONTROL, CONVERTED_BP, *[r for r in rules if r != BASE]]:
         model = copy.deepcopy(base_model)
-        if label != BASE:
+        if label not in (BASE, CONTROL):
             model = _convert(model, label.split()[0], x)
         rule = biograd.get_rule(label.split()[0])
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
