@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from biograd.cli import main
@@ -136,6 +137,8 @@ def test_other_user_errors(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"epochs": 1, "out": str(bad)}))
     assert call(capsys, "train", str(config))[0] == 0
+    torch.save({"model": {"out.weight": torch.zeros(1)}}, bad / "checkpoints" / "bp-seed0.pt")
+    assert "does not fit this run" in user_error(capsys, "train", str(config), "--resume")
     (bad / "checkpoints" / "bp-seed0.pt").write_bytes(b"not a checkpoint")
     assert "truncated or not a biograd checkpoint" in user_error(
         capsys, "train", str(config), "--resume"

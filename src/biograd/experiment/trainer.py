@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from ..convert import convert, set_targets
-from ..errors import ConfigError, DivergedError
+from ..errors import BiogradError, ConfigError, DivergedError
 from ..rules import get_rule
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, dump, read_yaml, save_config
@@ -309,12 +309,18 @@ def train_one(
     epoch, step = 0, 0
     if ckpt.exists():
         state = load_checkpoint(ckpt)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        epoch, step = int(state["epoch"]), int(state["step"])
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            epoch, step = int(state["epoch"]), int(state["step"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise BiogradError(
+                f"checkpoint {ckpt} does not fit this run ({reason}); delete it to restart"
+            ) from None
     drop_rows(metrics_csv, rule, seed, epoch)
     drop_rows(alignment_csv, rule, seed, epoch)
     if epoch >= cfg.epochs:
