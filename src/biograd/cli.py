@@ -21,7 +21,7 @@ COMPARE_RULES = "bp,fa,usf,frsf,brsf,kp,dfa"
 COMPARE_DEFAULTS: dict[str, Any] = {
     "data": {"name": "digits", "batch_size": 32},
     "model": {"name": "mlp", "widths": [128, 128]},
-    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    "optim": {"name": "sgd", "lr": 0.02, "momentum": 0.9},
     "alignment": {"every": 20},
 }
 
