@@ -113,6 +113,25 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     assert [r["epoch"] for r in rows(out / "metrics.csv")] == ["1"]
 
 
+def test_deterministic_mode_runs_and_is_switched_off_afterwards(tmp_path):
+    cfg = load_config(None, [*SMALL, "epochs=1", "deterministic=true", "rules=[fa,dfa]"])
+    run(cfg, tmp_path / "run", progress=False, echo=None)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_tensorboard_without_the_package_is_a_config_error(tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("tensorboard is installed")
+    cfg = load_config(None, [*SMALL, "epochs=1", "tensorboard=true"])
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        run(cfg, tmp_path / "run", progress=False, echo=None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_corrupt_checkpoint_is_a_user_error(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint({"epoch": 1, "x": torch.ones(3)}, path)

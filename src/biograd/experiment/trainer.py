@@ -521,15 +521,22 @@ def run(
     data = load_data(cfg)
     prepare(cfg, run_dir, resume=resume)
     results = []
-    for rule in cfg.run_rules():
-        for seed in cfg.seeds:
-            row = train_one(cfg, rule, seed, run_dir, data, progress=progress, on_epoch=on_epoch)
-            results.append(row)
-            if echo is not None and row:
-                echo(
-                    f"{rule:>6} seed {seed}: test accuracy {100 * float(row['test_acc']):.2f}% "
-                    f"after {row['epoch']} epochs ({float(row['epoch_time_s']):.2f} s/epoch)"
+    flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    try:
+        for rule in cfg.run_rules():
+            for seed in cfg.seeds:
+                row = train_one(
+                    cfg, rule, seed, run_dir, data, progress=progress, on_epoch=on_epoch
                 )
+                results.append(row)
+                if echo is not None and row:
+                    echo(
+                        f"{rule:>6} seed {seed}: test accuracy {100 * row['test_acc']:.2f}% "
+                        f"after {row['epoch']} epochs ({row['epoch_time_s']:.2f} s/epoch)"
+                    )
+    finally:  # deterministic=true must not outlive the run in a library caller's process
+        torch.use_deterministic_algorithms(flags[0])
+        torch.backends.cudnn.benchmark = flags[1]
     return results
 
 
