@@ -32,7 +32,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="biograd", description=__doc__.splitlines()[0] if __doc__ else None)
+    p = _Parser(
+        prog="biograd",
+        description="Train networks without weight transport: compare learning rules, train from "
+        "a YAML config, reproduce a paper's grid, report a run directory.",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compare", help="train several rules on one task and compare them")
