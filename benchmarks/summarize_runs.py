@@ -26,6 +26,13 @@ def table(records: list[dict[str, Any]]) -> str:
                 key = (res["case"], row["rule"])
                 ratios.setdefault(key, [None] * len(records))[i] = row["ratio"]
                 targets[key] = row["target"]
+    order = {
+        (res["case"], row["rule"]): (ci, ri)
+        for rec in sorted(records, key=lambda r: sum(len(x["rows"]) for x in r["results"]))
+        for ci, res in enumerate(rec["results"])
+        for ri, row in enumerate(res["rows"])
+    }
+    ratios = dict(sorted(ratios.items(), key=lambda kv: order[kv[0]]))
     runs = " | ".join(f"run {i + 1}" for i in range(len(records)))
     lines = [
         f"| network | rule | {runs} | median | min-max | target | met (median) |",
