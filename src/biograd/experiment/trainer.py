@@ -209,19 +209,17 @@ def evaluate(
     """Mean cross-entropy and accuracy over ``batches``."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    n = 0
+    loss_sum, correct, n = 0.0, 0, 0
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if targets:
             set_targets(model, y)
         out = model(x)
-        loss_sum += F.cross_entropy(out, y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
+        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
         n += len(y)
     model.train(was_training)
-    return float(loss_sum) / max(n, 1), float(correct) / max(n, 1)
+    return loss_sum / max(n, 1), correct / max(n, 1)
 
 
 def append_row(path: Path, row: dict[str, Any], columns: Iterable[str]) -> None:
