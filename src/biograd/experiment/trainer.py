@@ -126,7 +126,8 @@ def loaders(cfg: Config, train: Any, test: Any, seed: int) -> tuple[Any, Any]:
 
 
 def build(cfg: Config, rule: str, seed: int, in_shape: tuple[int, ...], classes: int) -> nn.Module:
-    """The model of ``cfg.model`` on ``cfg.device``, converted to ``rule``."""
+    """The model of ``cfg.model`` on ``cfg.device``, converted to ``rule`` (plain ``bp`` with no
+    alignment measurements keeps the torch layers: their autograd backward is backprop)."""
     from ..models import build_model
 
     model = build_model(
@@ -141,6 +142,8 @@ def build(cfg: Config, rule: str, seed: int, in_shape: tuple[int, ...], classes:
         except (AttributeError, TypeError, ValueError) as e:
             raise ConfigError(f"bottleneck: {e}") from None
     r = cfg.rule
+    if rule == "bp" and not r.overrides and cfg.alignment.every == 0:
+        return model  # autograd is backprop; converting would only add Python to every step
     example = torch.zeros(2, *in_shape, device=cfg.device) if get_rule(rule).direct else None
     try:
         return convert(
