@@ -5,7 +5,7 @@ An MLP on the embedded digits set, trained with the step of biograd's trainer
 
 1. Components (the headline number): the CPU time of one training step and of one measurement
    (``AlignmentMonitor.measure``: weight and gradient alignment, CSV row writing), each the
-   minimum over ``--blocks`` blocks of repeated calls, so that other processes on a shared
+   minimum over ``--blocks`` blocks of repeated calls (the three kinds of block alternate), so that other processes on a shared
    machine can only be filtered out, never counted. Overhead = measurement / (every x step).
 2. End to end: ``--steps`` training steps with the monitor off and on, interleaved
    ``--repeats`` times; median CPU time and the spread of the "off" runs, which shows how much
@@ -125,16 +125,17 @@ def components(rule: str, ds: Dataset, args: argparse.Namespace) -> tuple[float,
             step(i)
             reused._finish()
 
-        per_call = []
-        for fn, calls in ((step, 50), (measure, 5), (measure_reused, 5)):
+        # blocks of the three kinds alternate, so that all see the same load
+        kinds = ((step, 50), (measure, 5), (measure_reused, 5))
+        for fn, _ in kinds:
             fn(0)
-            best = math.inf
-            for _ in range(args.blocks):
+        per_call = [math.inf] * len(kinds)
+        for _ in range(args.blocks):
+            for k, (fn, calls) in enumerate(kinds):
                 t = time.process_time()
                 for i in range(calls):
                     fn(i)
-                best = min(best, (time.process_time() - t) / calls)
-            per_call.append(best)
+                per_call[k] = min(per_call[k], (time.process_time() - t) / calls)
         separate.close()
         reused.close()
     return per_call[0], per_call[1], per_call[2] - per_call[0]
@@ -146,7 +147,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--blocks", type=int, default=15)
+    parser.add_argument("--blocks", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rules", default="fa,brsf,dfa")

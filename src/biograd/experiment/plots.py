@@ -22,6 +22,7 @@ from typing import Any
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 NETWORK = "<network>"
 _RULE_ORDER = ("bp", "fa", "usf", "frsf", "brsf", "kp", "dfa", "sdfa", "drtp", "shallow")
@@ -242,6 +243,7 @@ def plot_bottleneck(rows: Sequence[Mapping[str, Any]], out_path: str | Path) -> 
     ax_acc.set_ylabel("test accuracy")
     for ax in (ax_angle, ax_acc):
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel("width of the bottleneck layer (units that learn)")
         ax.grid(alpha=0.3)
     if any(rule or mode for rule, mode in groups):
