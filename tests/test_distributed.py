@@ -4,6 +4,8 @@ the whole batch, for rules whose feedback state could drift between ranks."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -90,3 +92,78 @@ def test_ddp_step_equals_single_process_step(rule: str, ddp_states: dict) -> Non
             assert ddp[key] == value, key
     # The step really moved the weights (the comparison is not between two untouched models).
     assert not torch.equal(single["3.weight"], _model(rule).state_dict()["3.weight"])
+
+
+# ------------------------------------------------------------------ biograd train under torchrun
+TRAIN_CONFIG = """\
+data: {name: digits, batch_size: 32, subset: 256, test_subset: 64}
+model: {name: mlp, widths: [32]}
+optim: {name: sgd, lr: 0.05, momentum: 0.9}
+rules: [RULE]
+seeds: [0]
+epochs: 1
+plots: false
+"""
+
+
+def _train(
+    tmp: Path, out: str, rule: str, *, ranks: int, extra: list[str]
+) -> subprocess.CompletedProcess:
+    cfg = tmp / "cfg.yaml"
+    cfg.write_text(TRAIN_CONFIG.replace("RULE", rule))
+    base = [sys.executable, "-m", "biograd.cli", "train", str(cfg), f"out={tmp / out}", *extra]
+    if ranks > 1:
+        base = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+            "-m", "biograd.cli", "train", str(cfg), f"out={tmp / out}", *extra,
+        ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(base, capture_output=True, text=True, timeout=240, env=env, cwd=tmp)
+
+
+@pytest.mark.parametrize("rule", ["brsf"])
+def test_train_under_torchrun_matches_one_process_and_resumes_on_one(
+    tmp_path: Path, rule: str
+) -> None:
+    """`biograd train` on 2 gloo ranks: the global batch is split over the ranks, so one epoch gives
+    the single-process weights (up to the order of the gradient sum); its checkpoint then resumes
+    on a single process for a second epoch."""
+    two = _train(tmp_path, "two", rule, ranks=2, extra=[])
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = _train(tmp_path, "one", rule, ranks=1, extra=[])
+    assert one.returncode == 0, one.stderr[-3000:]
+    ckpt = f"checkpoints/{rule}-seed0.pt"
+    s2 = torch.load(tmp_path / "two" / ckpt, weights_only=True)
+    s1 = torch.load(tmp_path / "one" / ckpt, weights_only=True)
+    assert s2["step"] == s1["step"] == 8  # 256 examples / global batch 32
+    for key, value in s1["model"].items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(s2["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    rows = (tmp_path / "two" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2  # header + one epoch, written once (by rank 0)
+    # Loss and accuracy are reduced over the ranks: the whole epoch's, as on one process.
+    header = rows[0].split(",")
+    two_row = dict(zip(header, rows[1].split(",")))
+    one_row = dict(
+        zip(header, (tmp_path / "one" / "metrics.csv").read_text().splitlines()[1].split(","))
+    )
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert float(two_row[key]) == pytest.approx(float(one_row[key]), rel=1e-4, abs=1e-5), key
+    # Resume the 2-rank checkpoint on one process: a run directory holding only that checkpoint,
+    # trained for 2 epochs, starts at epoch 2 (its metrics.csv has no epoch-1 row) and ends where
+    # an uninterrupted single-process 2-epoch run ends.
+    cont = tmp_path / "cont"
+    (cont / "checkpoints").mkdir(parents=True)
+    (cont / ckpt).write_bytes((tmp_path / "two" / ckpt).read_bytes())
+    done = _train(tmp_path, "cont", rule, ranks=1, extra=["epochs=2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    epochs = [line.split(",")[2] for line in (cont / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == ["2"]
+    whole = _train(tmp_path, "whole", rule, ranks=1, extra=["epochs=2"])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a = torch.load(cont / ckpt, weights_only=True)
+    b = torch.load(tmp_path / "whole" / ckpt, weights_only=True)
+    assert a["step"] == b["step"] == 16
+    for key, value in b["model"].items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(a["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -17,7 +17,9 @@ feedback buffers (identical by construction) so that only batch-norm statistics 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -72,6 +74,34 @@ def barrier() -> None:
     """Wait for every rank (no-op on one process)."""
     if world_size() > 1:
         dist.barrier()
+
+
+T = TypeVar("T")
+
+
+def on_main_first(fn: Callable[[], T], *, others: bool = True) -> T | None:
+    """Run ``fn`` on rank 0, then (if ``others``) on the other ranks once rank 0 succeeded:
+    downloads, or writing the run directory. If rank 0 raises, every rank raises with its message
+    instead of waiting forever. On one process: ``fn()``."""
+    if world_size() == 1:
+        return fn()
+    result: T | None = None
+    message = [""]
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:  # handed to the other ranks, then raised here as well
+            message[0] = f"{type(e).__name__}: {e}"
+            dist.broadcast_object_list(message, src=0)
+            raise
+    dist.broadcast_object_list(message, src=0)
+    if message[0]:
+        from .errors import BiogradError
+
+        raise BiogradError(f"rank 0 failed: {message[0]}")
+    if others and not is_main():
+        result = fn()
+    return result
 
 
 def wrap(model: nn.Module, device: torch.device | None = None) -> nn.Module:

@@ -7,6 +7,12 @@ epoch and holds ``state_dict``s and generator states only; ``resume=True`` resta
 from its last checkpoint, and on the CPU the final weights are bit-identical to those of an
 uninterrupted run. A non-finite loss raises ``DivergedError`` at once; the last checkpoint and
 every row already written stay as they are.
+
+Under ``torchrun`` the same code trains with DistributedDataParallel: ``data.batch_size`` is the
+global batch, split evenly over the ranks (each rank takes every ``world``-th example of the
+shared permutation, so an unaugmented run sees the same batches as on one process); losses and
+accuracies are summed over ranks; rank 0 writes every file; a checkpoint holds the plain model's
+``state_dict`` and resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from .. import distributed
 from ..convert import convert, set_targets
 from ..errors import BiogradError, ConfigError, DivergedError
 from ..rules import get_rule
@@ -101,19 +108,22 @@ def _normalized(ds: Any) -> Any:
 
 
 def loaders(cfg: Config, train: Any, test: Any, seed: int) -> tuple[Any, Any]:
-    """Shuffled, augmented training batches (order fixed by ``seed`` and the epoch) and test
-    batches."""
+    """Shuffled, augmented training batches (order fixed by ``seed`` and the epoch; this rank's
+    share of each global batch under DDP) and test batches (the whole test set on every rank)."""
     from ..data import Augment, Loader
 
     a = cfg.data.augment
     normalize = a.normalize and not _normalize_once(cfg, train)
+    world = distributed.world_size()
     train_loader = Loader(
         train,
-        cfg.data.batch_size,
+        cfg.data.batch_size // world,
         shuffle=True,
         seed=seed,
         augment=Augment(crop_padding=a.crop_padding, hflip=a.hflip, normalize=normalize),
         device=cfg.device,
+        rank=distributed.rank(),
+        world_size=world,
     )
     test_loader = Loader(
         test,
@@ -300,6 +310,8 @@ def train_one(
     train, test = data
     device = cfg.device
     model = build(cfg, rule, seed, tuple(train.shape), train.classes)
+    main = distributed.is_main()
+    net = distributed.wrap(model, torch.device(device))  # DDP under torchrun, else model itself
     opt = make_optimizer(cfg, model)
     sched = make_scheduler(cfg, opt)
     train_loader, test_loader = loaders(cfg, train, test, seed)
@@ -322,28 +334,29 @@ def train_one(
             raise BiogradError(
                 f"checkpoint {ckpt} does not fit this run ({reason}); delete it to restart"
             ) from None
-    drop_rows(metrics_csv, rule, seed, epoch)
-    drop_rows(alignment_csv, rule, seed, epoch)
+    if main:
+        drop_rows(metrics_csv, rule, seed, epoch)
+        drop_rows(alignment_csv, rule, seed, epoch)
     if epoch >= cfg.epochs:
         rows = [r for r in read_rows(metrics_csv) if r["rule"] == rule and r["seed"] == str(seed)]
         return parse_row(rows[-1]) if rows else {}
 
-    monitor = AlignmentMonitor(
+    monitor = AlignmentMonitor(  # rank 0 measures on its own batch, outside DDP
         model,
         F.cross_entropy,
-        every=cfg.alignment.every,
+        every=cfg.alignment.every if main else 0,
         csv_path=alignment_csv,
         tensorboard_dir=run_dir / "tensorboard" / f"{rule}-seed{seed}" if cfg.tensorboard else None,
         tags={"rule": rule, "seed": seed},
     )
-    writer = _tensorboard(run_dir, rule, seed) if cfg.tensorboard else None
+    writer = _tensorboard(run_dir, rule, seed) if cfg.tensorboard and main else None
     steps_per_epoch = len(train_loader)
     bar = tqdm(
         total=cfg.epochs * steps_per_epoch,
         initial=epoch * steps_per_epoch,
         desc=f"{rule:>6} seed {seed}",
         unit="step",
-        disable=not progress,
+        disable=not (progress and main),
         dynamic_ncols=True,
         file=sys.stderr,
     )
@@ -366,9 +379,9 @@ def train_one(
                     t = time.perf_counter()
                     monitor.measure(step, epoch + 1, x, y)
                     measuring += time.perf_counter() - t
-                out = model(x)
+                out = net(x)
                 loss = F.cross_entropy(out, y)
-                value = loss.item()
+                value = _global_mean(loss)
                 if not math.isfinite(value):
                     raise DivergedError(_diverged(rule, seed, value, epoch + 1, step, ckpt))
                 opt.zero_grad(set_to_none=True)
@@ -383,6 +396,12 @@ def train_one(
                     shown.update(loss=f"{value:.3f}", acc=f"{float(correct) / seen:.3f}")
                     bar.set_postfix(shown, refresh=False)
             epoch_time = time.perf_counter() - start - measuring  # training only
+            totals = distributed.all_reduce_sum(
+                torch.tensor(
+                    [loss_sum, float(correct), float(seen)], dtype=torch.float64, device=device
+                )
+            )
+            loss_sum, n_correct, n_seen = float(totals[0]), float(totals[1]), float(totals[2])
             if sched is not None:
                 sched.step()
             epoch += 1
@@ -392,27 +411,28 @@ def train_one(
                 "seed": seed,
                 "epoch": epoch,
                 "step": step,
-                "train_loss": loss_sum / seen,
-                "train_acc": float(correct) / seen,
+                "train_loss": loss_sum / n_seen,
+                "train_acc": n_correct / n_seen,
                 "test_loss": test_loss,
                 "test_acc": test_acc,
                 "epoch_time_s": epoch_time,
                 "lr": lr,
             }
-            append_row(metrics_csv, row, METRICS_COLUMNS)
-            save_checkpoint(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict() if sched is not None else {},
-                    "rng": rng_state(),
-                    "epoch": epoch,
-                    "step": step,
-                    "rule": rule,
-                    "seed": seed,
-                },
-                ckpt,
-            )
+            if main:
+                append_row(metrics_csv, row, METRICS_COLUMNS)
+                save_checkpoint(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict() if sched is not None else {},
+                        "rng": rng_state(),
+                        "epoch": epoch,
+                        "step": step,
+                        "rule": rule,
+                        "seed": seed,
+                    },
+                    ckpt,
+                )
             shown["test_acc"] = f"{test_acc:.3f}"
             bar.set_postfix(shown)
             if writer is not None:
@@ -426,6 +446,14 @@ def train_one(
         if writer is not None:
             writer.close()
     return row
+
+
+def _global_mean(loss: Tensor) -> float:
+    """The loss averaged over ranks (every rank then sees the same value and stops together when
+    it is not finite); the plain value on one process."""
+    if distributed.world_size() == 1:
+        return loss.item()
+    return distributed.all_reduce_sum(loss.detach().reshape(1)).item() / distributed.world_size()
 
 
 def _diverged(rule: str, seed: int, value: float, epoch: int, step: int, ckpt: Path) -> str:
@@ -518,9 +546,18 @@ def run(
     a loss stops being finite (the run directory keeps everything written until then).
     """
     run_dir = Path(run_dir)
+    _, world = distributed.init()
+    if cfg.data.batch_size % world:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is the global batch: it must divide evenly "
+            f"over {world} ranks"
+        )
     check(cfg)
-    data = load_data(cfg)
-    prepare(cfg, run_dir, resume=resume)
+    data = distributed.on_main_first(lambda: load_data(cfg))  # rank 0 downloads, then the rest
+    assert data is not None
+    distributed.on_main_first(lambda: prepare(cfg, run_dir, resume=resume), others=False)
+    if not distributed.is_main():
+        echo = on_epoch = None
     results = []
     flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     try:
