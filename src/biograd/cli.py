@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import distributed
 from .errors import BiogradError, ConfigError
 
 COMPARE_RULES = "bp,fa,usf,frsf,brsf,kp,dfa"
@@ -113,6 +114,8 @@ def _compare(args: argparse.Namespace) -> int:
     cfg = validate(apply_overrides(COMPARE_DEFAULTS, [*items, *args.overrides]))
     out = Path(cfg.out or args.out)
     run(cfg, out, resume=True, progress=_progress())
+    if not distributed.is_main():  # under torchrun, rank 0 writes the table and plots
+        return 0
     print()
     _finish(out, cfg.plots)
     return 0
@@ -125,6 +128,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(cfg.out or Path("runs") / Path(args.config).stem)
     run(cfg, out, resume=args.resume, progress=_progress())
+    if not distributed.is_main():  # under torchrun, rank 0 writes the table and plots
+        return 0
     print()
     _finish(out, cfg.plots)
     return 0
@@ -136,6 +141,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     spec = find_spec(args.name)
     out = Path(args.out or Path("runs") / "reproduce" / f"{spec.stem}-{args.scale}")
     table = reproduce(spec, out, scale=args.scale, data_dir=args.data_dir, progress=_progress())
+    if not distributed.is_main():
+        return 0
     print()
     print(table)
     print(f"\nwrote {out / 'results.md'}")

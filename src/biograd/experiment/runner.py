@@ -38,6 +38,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from .. import distributed
 from ..errors import ConfigError
 from .config import Config, Section, _describe, apply_overrides, known_rule, read_yaml, validate
 from .table import summarize
@@ -160,13 +161,16 @@ def reproduce(
     configs = cell_configs(spec, scale, data_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid = {"scale": scale, "spec": spec.model_dump(mode="json")}
-    (out / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
+    if distributed.is_main():
+        (out / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
     for setting, cfg in configs.items():
         if echo is not None:
             echo(
                 f"== {setting}: {', '.join(cfg.run_rules())} x seeds {cfg.seeds}, {cfg.epochs} epochs"
             )
         run(cfg, out / setting, resume=True, progress=progress, echo=echo)
+    if not distributed.is_main():
+        return ""
     return write_grid_results(out, spec, scale)
 
 
