@@ -212,7 +212,7 @@ def plot_alignment(alignment_csv: str | Path, out_dir: str | Path) -> list[Path]
         ax.set_xlabel("step")
         ax.set_ylabel("network gradient angle with backprop (deg)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
         written.append(_save(fig, out / "alignment_network.png"))
     return [p for p in written if p is not None]
 
