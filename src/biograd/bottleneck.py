@@ -233,6 +233,7 @@ def bottleneck_sweep(
     convert_kwargs: Mapping[str, Any] | None = None,
     train: Trainer | None = None,
     probe: int = 512,
+    measure: str | None = None,
 ) -> list[dict[str, Any]]:
     """Train one model per (rule, seed, width) with ``layer`` made a bottleneck of ``width`` units,
     and measure its final alignment (Launay et al. 2019, Sec. 4, Fig. 4).
@@ -246,10 +247,14 @@ def bottleneck_sweep(
         train: ``train(model, data, seed) -> {"test_acc": ..., ...}``; default
             :func:`train_classifier` with ``epochs``, ``lr`` and ``batch_size``.
         convert_kwargs: extra arguments of ``biograd.convert`` (e.g. ``example_input``).
+        measure: the layer whose gradient angle goes into ``angle`` (default: ``layer``). A
+            bottleneck limits the rank of the path from the layers below it to the output, so
+            the layer below it is where DFA's alignment suffers; the bottleneck layer's own
+            masked gradient has only ``width`` rows, whose angle is small for trivial reasons.
 
     Returns:
-        One row per run: ``rule, mode, layer, width, seed, angle`` (the bottleneck layer's
-        gradient angle with backprop, degrees), ``delta_cos_mean`` (its delta cosine),
+        One row per run: ``rule, mode, layer, width, seed, measured, angle`` (the ``measure``
+        layer's gradient angle with backprop, degrees), ``delta_cos_mean`` (its delta cosine),
         ``network_angle``, ``angles`` (every converted layer's gradient angle, by name) and the
         trainer's metrics (``test_acc``, ``train_loss``).
     """
@@ -270,7 +275,7 @@ def bottleneck_sweep(
                 metrics = dict(fit(model, data, seed))
                 model.eval()
                 grad = gradient_alignment(model, F.cross_entropy, x_probe, y_probe)
-                values = grad.get(layer, {})
+                values = grad.get(measure or layer, {})
                 rows.append(
                     {
                         "rule": rule,
@@ -278,6 +283,7 @@ def bottleneck_sweep(
                         "layer": layer,
                         "width": width,
                         "seed": seed,
+                        "measured": measure or layer,
                         "angle": values.get("angle", math.nan),
                         "delta_cos_mean": values.get("delta_cos_mean", math.nan),
                         "network_angle": grad[NETWORK]["angle"],
@@ -303,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--hidden", default="256,256,256", help="widths of the MLP's hidden layers")
     p.add_argument("--layer", default="fc2", help="the bottleneck layer (module name)")
+    p.add_argument("--measure", default="fc1", help="the layer whose alignment is reported")
     p.add_argument("--widths", default="1,2,4,8,16,32,64,128,256")
     p.add_argument("--rules", default="bp,fa,dfa")
     p.add_argument("--mode", choices=MODES, default="mask")
@@ -324,11 +331,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = bottleneck_sweep(
         build, args.layer, [int(w) for w in args.widths.split(",")], data,
         rules=args.rules.split(","), mode=args.mode, seeds=range(args.seeds), epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size,
+        lr=args.lr, batch_size=args.batch_size, measure=args.measure,
     )  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    columns = ["rule", "mode", "layer", "width", "seed", "angle", "delta_cos_mean", "network_angle", "train_loss", "test_acc"]  # fmt: skip
+    names = list(rows[0]["angles"]) if rows else []
+    for r in rows:
+        r.update({f"angle_{k}": v for k, v in r["angles"].items()})
+    columns = ["rule", "mode", "layer", "width", "seed", "measured", "angle", "delta_cos_mean", "network_angle", *(f"angle_{k}" for k in names), "train_loss", "test_acc"]  # fmt: skip
     with (out / "bottleneck.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

@@ -221,7 +221,7 @@ def plot_bottleneck(rows: Sequence[Mapping[str, Any]], out_path: str | Path) -> 
     """Final alignment and accuracy against the width of the bottleneck layer.
 
     ``rows``: dicts with ``width``, ``angle`` (degrees), ``test_acc`` and optionally ``rule``,
-    ``mode`` and ``network_angle`` (as returned by ``biograd.bottleneck.bottleneck_sweep``);
+    ``mode``, ``measured`` (the layer the angle is of) and ``network_angle`` (as returned by ``biograd.bottleneck.bottleneck_sweep``);
     several seeds per width are averaged (band: +-1 std). The width axis is logarithmic.
     """
     if not rows:
@@ -239,7 +239,9 @@ def plot_bottleneck(rows: Sequence[Mapping[str, Any]], out_path: str | Path) -> 
         _line(ax_angle, xs, ys, sd, **style)
         xs, ys, sd = _mean_std(mine, "width", "test_acc")
         _line(ax_acc, xs, ys, sd, **style)
-    ax_angle.set_ylabel("bottleneck layer: gradient angle (deg)")
+    measured = {str(r["measured"]) for r in rows if r.get("measured")}
+    what = f"layer {measured.pop()}" if len(measured) == 1 else "measured layer"
+    ax_angle.set_ylabel(f"{what}: gradient angle with backprop (deg)")
     ax_acc.set_ylabel("test accuracy")
     for ax in (ax_angle, ax_acc):
         ax.set_xscale("log", base=2)
