@@ -22,7 +22,6 @@ from typing import Any
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import ScalarFormatter
 
 NETWORK = "<network>"
 _RULE_ORDER = ("bp", "fa", "usf", "frsf", "brsf", "kp", "dfa", "sdfa", "drtp", "shallow")
@@ -231,6 +230,7 @@ def plot_bottleneck(rows: Sequence[Mapping[str, Any]], out_path: str | Path) -> 
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[(str(r.get("rule", "")), str(r.get("mode", "")))].append(r)
+    widths = sorted({w for r in rows if math.isfinite(w := _num(r.get("width")))})
     for (rule, mode), mine in groups.items():
         label = " ".join(x for x in (rule, mode) if x) or None
         style = {"color": rule_color(rule), "marker": "o", "label": label}
@@ -245,7 +245,7 @@ def plot_bottleneck(rows: Sequence[Mapping[str, Any]], out_path: str | Path) -> 
     ax_acc.set_ylabel("test accuracy")
     for ax in (ax_angle, ax_acc):
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xticks(widths, [f"{w:g}" for w in widths])
         ax.set_xlabel("width of the bottleneck layer (units that learn)")
         ax.grid(alpha=0.3)
     if any(rule or mode for rule, mode in groups):
