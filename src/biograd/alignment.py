@@ -15,7 +15,6 @@ Three instruments (definitions and formulas in ``docs/alignment.md``):
 from __future__ import annotations
 
 import csv
-import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -101,25 +100,36 @@ class _Pairs:
 
 
 # --------------------------------------------------------------------------- weight alignment
-def _linear_path(model: nn.Module, layer: nn.Module, output: nn.Module) -> Tensor | None:
-    """``W_L ... W_k``, the product of the forward weights from ``layer`` (k) to ``output`` (L),
-    or None when that path is not a plain chain of ``nn.Linear`` layers in module order."""
-    weighted = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-    ids = [id(m) for m in weighted]
-    if id(layer) not in ids or id(output) not in ids:
-        return None
-    i, j = ids.index(id(layer)), ids.index(id(output))
-    if i > j:
-        return None
-    chain = weighted[i : j + 1]
-    if not all(isinstance(m, nn.Linear) for m in chain):
-        return None
-    path = chain[0].weight.detach().double()
-    for prev, nxt in itertools.pairwise(chain):
-        if nxt.weight.shape[1] != prev.weight.shape[0]:
+class _LinearPaths:
+    """``W_L ... W_k``, the products of the forward weights from a layer (k) to the output layer
+    (L), built from the output down and shared between layers; None where the path is not a
+    plain chain of ``nn.Linear`` layers in module order whose shapes chain."""
+
+    def __init__(self, model: nn.Module, output: nn.Module | None) -> None:
+        self.weighted = [
+            m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+        ]
+        self.index = {id(m): i for i, m in enumerate(self.weighted)}
+        self.out = None if output is None else self.index.get(id(output))
+        self.cache: dict[int, Tensor | None] = {}
+
+    def __call__(self, layer: nn.Module) -> Tensor | None:
+        i = self.index.get(id(layer))
+        if i is None or self.out is None or i > self.out:
             return None
-        path = nxt.weight.detach().double() @ path
-    return path
+        return self._path(i)
+
+    def _path(self, i: int) -> Tensor | None:
+        if i not in self.cache:
+            m = self.weighted[i]
+            w = m.weight.detach() if isinstance(m, nn.Linear) else None
+            if w is None or i == self.out:
+                self.cache[i] = w
+            else:
+                above = self._path(i + 1)
+                ok = above is not None and above.shape[1] == w.shape[0]
+                self.cache[i] = above @ w if ok and above is not None else None
+        return self.cache[i]
 
 
 def weight_alignment(model: nn.Module) -> dict[str, dict[str, float]]:
@@ -143,6 +153,7 @@ def weight_alignment(model: nn.Module) -> dict[str, dict[str, float]]:
         ``{layer_name: {"angle": degrees, "norm_ratio": ratio}}``.
     """
     out: dict[str, dict[str, float]] = {}
+    paths: dict[int, _LinearPaths] = {}
     for name, layer in converted_layers(model):
         if not layer._rule.direct:
             b = feedback_weight(layer)
@@ -155,8 +166,12 @@ def weight_alignment(model: nn.Module) -> dict[str, dict[str, float]]:
         if b is None:
             continue
         engine = layer._engine
-        output = next((m for m in engine_layers(model, engine) if m.direct_role == "output"), None)
-        path = None if output is None else _linear_path(model, layer, output)
+        if id(engine) not in paths:
+            output = next(
+                (m for m in engine_layers(model, engine) if m.direct_role == "output"), None
+            )
+            paths[id(engine)] = _LinearPaths(model, output)
+        path = paths[id(engine)](layer)
         if path is None or path.t().shape != b.shape:
             out[name] = {"angle": math.nan, "norm_ratio": math.nan}
         else:
