@@ -3,10 +3,12 @@
 An MLP on the embedded digits set, trained with the step of biograd's trainer
 (``biograd.data.Loader`` batches, ``loss.item()``, running accuracy, SGD with momentum).
 
-1. Components (the headline number): the CPU time of one training step and of one measurement
-   (``AlignmentMonitor.measure``: weight and gradient alignment, CSV row writing), each the
-   minimum over ``--blocks`` blocks of repeated calls (the three kinds of block alternate), so that other processes on a shared
-   machine can only be filtered out, never counted. Overhead = measurement / (every x step).
+1. Components (the headline number): the CPU time of one training step, of one measurement
+   (``AlignmentMonitor.measure``: weight and gradient alignment, CSV row writing) and of one
+   ``reuse_step=True`` measurement (what it adds to the step it reads), each the minimum over
+   ``--blocks`` blocks of repeated calls (the kinds of block alternate), so that other
+   processes on a shared machine can only be filtered out, never counted.
+   Overhead = measurement / (every x step).
 2. End to end: ``--steps`` training steps with the monitor off and on, interleaved
    ``--repeats`` times; median CPU time and the spread of the "off" runs, which shows how much
    noise the machine adds to a direct comparison.

@@ -446,7 +446,10 @@ def test_reuse_step_without_the_batch_writes_no_gradient_rows(tmp_path, caplog) 
 def test_bottleneck_command_writes_csv_and_plot(tmp_path) -> None:
     from biograd.bottleneck import main
 
-    main(["--widths", "2,8", "--rules", "bp", "--epochs", "1", "--hidden", "16,16", "--out", str(tmp_path)])  # fmt: skip
+    main(
+        ["--widths", "2,8", "--rules", "bp", "--epochs", "1", "--hidden", "16,16",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
     with (tmp_path / "bottleneck.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["width"] for r in rows] == ["2", "8"]

@@ -338,14 +338,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     names = list(rows[0]["angles"]) if rows else []
     for r in rows:
         r.update({f"angle_{k}": v for k, v in r["angles"].items()})
-    columns = ["rule", "mode", "layer", "width", "seed", "measured", "angle", "delta_cos_mean", "network_angle", *(f"angle_{k}" for k in names), "train_loss", "test_acc"]  # fmt: skip
+    columns = [
+        "rule", "mode", "layer", "width", "seed", "measured", "angle", "delta_cos_mean",
+        "network_angle", *(f"angle_{k}" for k in names), "train_loss", "test_acc",
+    ]  # fmt: skip
     with (out / "bottleneck.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     for r in rows:
         print(
-            f"{r['rule']:>6} width {r['width']:>4}: angle {r['angle']:6.1f}  test acc {r['test_acc']:.3f}"
+            f"{r['rule']:>6} width {r['width']:>4}: angle {r['angle']:6.1f}  "
+            f"test acc {r['test_acc']:.3f}"
         )
     print(f"wrote {plot_bottleneck(rows, out / 'bottleneck.png')} and {out / 'bottleneck.csv'}")
 

@@ -196,10 +196,13 @@ def plot_alignment(alignment_csv: str | Path, out_dir: str | Path) -> list[Path]
         return []
     out = Path(out_dir)
     written = [
-        _layer_panels(rows, "gradient", "angle", "gradient angle (deg)", out / "alignment_gradient.png"),
-        _layer_panels(rows, "weight", "angle", "angle(W, B) (deg)", out / "alignment_weight.png"),
-        _layer_panels(rows, "gradient", "delta_cos_mean", "delta cosine", out / "alignment_delta.png"),
-    ]  # fmt: skip
+        _layer_panels(rows, kind, key, label, out / name)
+        for kind, key, label, name in (
+            ("gradient", "angle", "gradient angle (deg)", "alignment_gradient.png"),
+            ("weight", "angle", "angle(W, B) (deg)", "alignment_weight.png"),
+            ("gradient", "delta_cos_mean", "delta cosine", "alignment_delta.png"),
+        )
+    ]
     net = [r for r in rows if r["layer"] == NETWORK and math.isfinite(_num(r.get("angle")))]
     if net:
         fig = Figure(figsize=(6, 4), layout="constrained")
@@ -220,7 +223,8 @@ def plot_bottleneck(rows: Sequence[Mapping[str, Any]], out_path: str | Path) -> 
     """Final alignment and accuracy against the width of the bottleneck layer.
 
     ``rows``: dicts with ``width``, ``angle`` (degrees), ``test_acc`` and optionally ``rule``,
-    ``mode``, ``measured`` (the layer the angle is of) and ``network_angle`` (as returned by ``biograd.bottleneck.bottleneck_sweep``);
+    ``mode``, ``measured`` (the layer the angle is of) and ``network_angle`` (as returned by
+    ``biograd.bottleneck.bottleneck_sweep``);
     several seeds per width are averaged (band: +-1 std). The width axis is logarithmic.
     """
     if not rows:
