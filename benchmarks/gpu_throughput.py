@@ -350,16 +350,7 @@ def run_group(
     base_runner = by_rule.get(BASE)
     rows = []
     for rule in rules:
-        row: dict[str, Any] = {
-            "workload": g.workload.name,
-            "model": g.workload.model,
-            "mode": g.mode,
-            "precision": g.precision,
-            "rule": rule,
-            "batch": g.batch,
-            "in_shape": list(g.in_shape),
-            "classes": g.workload.classes,
-        }
+        row: dict[str, Any] = _head(g, rule)
         done = by_rule.get(rule)
         if done is None or not done.times:
             if rule in skipped:
@@ -681,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _skipped(g: Group, rule: str, status: str = "skipped", error: str = SKIPPED) -> dict[str, Any]:
+def _head(g: Group, rule: str) -> dict[str, Any]:
+    """The columns that name one configuration of the grid."""
     return {
         "workload": g.workload.name,
         "model": g.workload.model,
@@ -691,6 +683,12 @@ def _skipped(g: Group, rule: str, status: str = "skipped", error: str = SKIPPED)
         "batch": g.batch,
         "in_shape": list(g.in_shape),
         "classes": g.workload.classes,
+    }
+
+
+def _skipped(g: Group, rule: str, status: str = "skipped", error: str = SKIPPED) -> dict[str, Any]:
+    return {
+        **_head(g, rule),
         "status": status,
         "error": error,
     }

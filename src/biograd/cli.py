@@ -94,7 +94,6 @@ def _finish(run_dir: Path, plots: bool = True) -> None:
 
 def _compare(args: argparse.Namespace) -> int:
     from .experiment.config import apply_overrides, validate
-    from .experiment.trainer import run
 
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     if args.epochs < 1 or args.seeds < 1:
@@ -112,26 +111,23 @@ def _compare(args: argparse.Namespace) -> int:
     if args.model != "mlp":
         items.append(("model", {"name": args.model}))
     cfg = validate(apply_overrides(COMPARE_DEFAULTS, [*items, *args.overrides]))
-    out = Path(cfg.out or args.out)
-    run(cfg, out, resume=True, progress=_progress())
-    if not distributed.is_main():  # under torchrun, rank 0 writes the table and plots
-        return 0
-    print()
-    _finish(out, cfg.plots)
-    return 0
+    return _run_and_finish(cfg, Path(cfg.out or args.out), resume=True)
 
 
 def _train(args: argparse.Namespace) -> int:
     from .experiment.config import load_config
-    from .experiment.trainer import run
 
     cfg = load_config(args.config, args.overrides)
-    out = Path(cfg.out or Path("runs") / Path(args.config).stem)
-    run(cfg, out, resume=args.resume, progress=_progress())
-    if not distributed.is_main():  # under torchrun, rank 0 writes the table and plots
-        return 0
-    print()
-    _finish(out, cfg.plots)
+    return _run_and_finish(cfg, Path(cfg.out or Path("runs") / Path(args.config).stem), args.resume)
+
+
+def _run_and_finish(cfg: Any, out: Path, resume: bool) -> int:
+    from .experiment.trainer import run
+
+    run(cfg, out, resume=resume, progress=_progress())
+    if distributed.is_main():  # under torchrun, rank 0 writes the table and plots
+        print()
+        _finish(out, cfg.plots)
     return 0
 
 
