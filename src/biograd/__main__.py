@@ -1,0 +1,7 @@
+"""``python -m biograd ...`` runs the ``biograd`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
