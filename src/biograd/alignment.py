@@ -631,10 +631,14 @@ class AlignmentMonitor:
                         tag = f"alignment/{row['kind']}_{key}/{row['layer']}"
                         self._writer.add_scalar(tag, value, row["step"])
 
+    def flush(self) -> list[dict[str, Any]]:
+        """Write the pending measurement of ``reuse_step`` (its training step must have run);
+        return the rows written. A trainer calls this before it checkpoints."""
+        return self._finish() if self._pending is not None else []
+
     def close(self) -> None:
         """Write a pending measurement, then flush and close the TensorBoard writer, if any."""
-        if self._pending is not None:
-            self._finish()
+        self.flush()
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -348,6 +348,7 @@ def train_one(
         csv_path=alignment_csv,
         tensorboard_dir=run_dir / "tensorboard" / f"{rule}-seed{seed}" if cfg.tensorboard else None,
         tags={"rule": rule, "seed": seed},
+        reuse_step=True,  # backprop's pass only; the rule's side is read off the training step
     )
     writer = _tensorboard(run_dir, rule, seed) if cfg.tensorboard and main else None
     steps_per_epoch = len(train_loader)
@@ -396,6 +397,7 @@ def train_one(
                     shown.update(loss=f"{value:.3f}", acc=f"{float(correct) / seen:.3f}")
                     bar.set_postfix(shown, refresh=False)
             epoch_time = time.perf_counter() - start - measuring  # training only
+            monitor.flush()  # before the checkpoint, so that a resumed run loses no rows
             totals = distributed.all_reduce_sum(
                 torch.tensor(
                     [loss_sum, float(correct), float(seen)], dtype=torch.float64, device=device
