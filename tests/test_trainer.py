@@ -119,6 +119,21 @@ def test_deterministic_mode_runs_and_is_switched_off_afterwards(tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+def test_threads_apply_during_the_run_and_are_restored(tmp_path):
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    cfg = load_config(None, [*SMALL, "epochs=1", "threads=3"])
+    run(
+        cfg,
+        tmp_path / "run",
+        progress=False,
+        echo=None,
+        on_epoch=lambda row: seen.append(torch.get_num_threads()),
+    )
+    assert seen and set(seen) == {3}
+    assert torch.get_num_threads() == before
+
+
 def test_tensorboard_without_the_package_is_a_config_error(tmp_path):
     try:
         import torch.utils.tensorboard  # noqa: F401

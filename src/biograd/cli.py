@@ -24,6 +24,9 @@ COMPARE_DEFAULTS: dict[str, Any] = {
     "model": {"name": "mlp", "widths": [128, 128]},
     "optim": {"name": "sgd", "lr": 0.02, "momentum": 0.9},
     "alignment": {"every": 20},
+    # Small models gain nothing from more CPU threads, and lose a lot when other processes
+    # share the cores (OpenMP threads wait on each other); threads=0 restores torch's default.
+    "threads": 1,
 }
 
 

@@ -170,6 +170,11 @@ class Config(Section):
     tensorboard: bool = False
     plots: bool = Field(default=True, description="write plots/*.png after the run")
     device: str = "cpu"
+    threads: int = Field(
+        default=0,
+        ge=0,
+        description="CPU threads of torch (torch.set_num_threads); 0 keeps torch's default",
+    )
     out: str | None = None
 
     @field_validator("rules")

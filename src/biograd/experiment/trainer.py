@@ -562,6 +562,9 @@ def run(
         echo = on_epoch = None
     results = []
     flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
         for rule in cfg.run_rules():
             for seed in cfg.seeds:
@@ -577,6 +580,7 @@ def run(
     finally:  # deterministic=true must not outlive the run in a library caller's process
         torch.use_deterministic_algorithms(flags[0])
         torch.backends.cudnn.benchmark = flags[1]
+        torch.set_num_threads(threads)
     return results
 
 
