@@ -1,0 +1,158 @@
+"""Plots of docs/results.md from the grid directories under runs/reproduce/."""
+
+import csv
+import sys
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from biograd.experiment.config import read_yaml
+from biograd.experiment.runner import Spec, grid_rows
+
+R, IMG = Path("runs/reproduce"), Path("docs/img")
+
+
+def rows_of(name):
+    out = R / name
+    return grid_rows(out, Spec.model_validate(read_yaml(out / "grid.yaml")["spec"]))
+
+
+def lenet():
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    for ax, (name, title) in zip(
+        fig.subplots(1, 2),
+        [("lenet_mnist-cpu", "MNIST"), ("lenet_fashion_mnist-cpu", "Fashion-MNIST")],
+    ):
+        rows = rows_of(name)
+        if (R / f"{name}_kp").exists():  # kp ran afterwards (--scale cpu_kp)
+            rows += rows_of(f"{name}_kp")
+        xs = range(len(rows))
+        ax.bar(
+            [x - 0.2 for x in xs],
+            [r["published"] or 0 for r in rows],
+            0.4,
+            label="published (100 epochs)",
+            color="0.6",
+        )
+        ax.bar(
+            [x + 0.2 for x in xs],
+            [r["ours"] for r in rows],
+            0.4,
+            yerr=[r["std"] for r in rows],
+            label=f"ours ({rows[0]['epochs']} epoch, {rows[0]['seeds']} seeds)",
+            color="tab:blue",
+        )
+        ax.set_xticks(list(xs), [r["rule"] for r in rows])
+        ax.set_yscale("log")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(f"LeNet, {title}")
+        ax.legend(fontsize="small")
+    fig.savefig(IMG / "results_lenet.png", dpi=100)
+
+
+def grid(name, title):
+    rows = rows_of(name)
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    ax = fig.subplots()
+    rules = list(dict.fromkeys(r["rule"] for r in rows))
+    for i, rule in enumerate(rules):
+        mine = {r["setting"]: r for r in rows if r["rule"] == rule}
+        xs = [j + (i - (len(rules) - 1) / 2) * 0.35 for j in range(len(settings))]
+        ax.bar(
+            xs,
+            [mine[s]["ours"] for s in settings],
+            0.35,
+            yerr=[mine[s]["std"] for s in settings],
+            label=rule,
+        )
+    ax.set_xticks(range(len(settings)), settings)
+    ax.set_ylabel("test error (%)")
+    ax.set_title(f"{title} ({rows[0]['epochs']} epoch(s), {rows[0]['seeds']} seeds; bars: std)")
+    ax.legend()
+    fig.savefig(IMG / f"results_{name.removesuffix('-cpu')}.png", dpi=100)
+
+
+def bottleneck(name):
+    """Both runs of a sweep in one plot: feedback normalised (cpu) and not (cpu_nonorm)."""
+    rows = []
+    for scale, mode in (("cpu", "normalised"), ("cpu_nonorm", "unnormalised")):
+        out = R / f"{name}-{scale}"
+        if not out.exists():
+            continue
+        for d in sorted(p for p in out.iterdir() if (p / "metrics.csv").exists()):
+            last, angle = {}, {}
+            for r in csv.DictReader((d / "metrics.csv").open()):
+                last[(r["rule"], r["seed"])] = float(r["test_acc"])
+            for r in csv.DictReader((d / "alignment.csv").open()):
+                if r["kind"] == "gradient" and r["layer"] == "fc2" and r["angle"]:
+                    angle[(r["rule"], r["seed"])] = float(r["angle"])  # rows in step order
+            for (rule, seed), acc in last.items():
+                width = int(d.name.removeprefix("b"))
+                rows.append(
+                    {
+                        "rule": rule,
+                        "mode": mode,
+                        "width": width,
+                        "seed": seed,
+                        "test_acc": acc,
+                        "angle": angle[(rule, seed)],
+                    }
+                )
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    ax_angle, ax_err = fig.subplots(1, 2, sharex=True)
+    styles = {
+        ("bp", "normalised"): ("tab:blue", "-"),
+        ("dfa", "normalised"): ("tab:orange", "-"),
+        ("dfa", "unnormalised"): ("tab:orange", "--"),
+    }
+    for (rule, mode), (color, ls) in styles.items():
+        mine = sorted(
+            (r for r in rows if r["rule"] == rule and r["mode"] == mode), key=lambda r: r["width"]
+        )
+        if not mine:
+            continue
+        label = f"{rule}, feedback {mode}" if rule == "dfa" else rule
+        xs = [r["width"] for r in mine]
+        ax_angle.plot(xs, [r["angle"] for r in mine], ls, color=color, marker="o", label=label)
+        ax_err.plot(
+            xs, [100 * (1 - r["test_acc"]) for r in mine], ls, color=color, marker="o", label=label
+        )
+    ax_angle.set_ylabel("fc2 gradient angle with bp (deg)")
+    ax_err.set_ylabel("test error (%)")
+    for ax in (ax_angle, ax_err):
+        ax.set_xscale("log")
+        ax.set_xlabel("units of fc2 that learn (b)")
+        ax.grid(alpha=0.3)
+    ax_err.legend(fontsize="small")
+    fig.suptitle(
+        f"Bottleneck sweep, launay_fc, {name.removeprefix('bottleneck_fc_')} (2 epochs, seed 0)"
+    )
+    fig.savefig(IMG / f"results_{name}.png", dpi=100)
+    widths = sorted({r["width"] for r in rows})
+    print("| feedback | rule | " + " | ".join(f"b={w}" for w in widths) + " |")
+    print("|---|---|" + "---:|" * len(widths))
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        for rule in dict.fromkeys(r["rule"] for r in rows):
+            mine = sorted(
+                (r for r in rows if r["mode"] == mode and r["rule"] == rule),
+                key=lambda r: r["width"],
+            )
+            if mine:
+                cells = " | ".join(
+                    f"{100 * (1 - r['test_acc']):.1f} / {r['angle']:.0f}" for r in mine
+                )
+                print(f"| {mode} | {rule} | {cells} |")
+
+
+for job in sys.argv[1:]:
+    if job == "lenet":
+        lenet()
+    elif job.startswith("fc_grid"):
+        grid(
+            job,
+            "Launay et al. 2019 grid, launay_fc on "
+            + ("Fashion-MNIST" if "fashion" in job else "MNIST"),
+        )
+    elif job.startswith("bottleneck"):
+        bottleneck(job)  # e.g. bottleneck_fc_mnist
