@@ -83,7 +83,8 @@ def train_step(t: Trainee, x: Tensor, y: Tensor) -> None:
     t.optimizer.step()
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -111,7 +112,7 @@ def interleaved_times(
     for _ in range(warmup):
         for t in trainees:
             train_step(t, x, y)
-    _sync(device)
+    sync(device)
     n = len(trainees)
     for rep in range(reps):
         order = [trainees[(rep + i) % n] for i in range(n)]
@@ -120,7 +121,7 @@ def interleaved_times(
             for _ in range(inner):
                 start, start_cpu = time.perf_counter(), time.process_time()
                 train_step(t, x, y)
-                _sync(device)
+                sync(device)
                 wall.append(time.perf_counter() - start)
                 cpu.append(time.process_time() - start_cpu)
             for clock, block in (("wall", wall), ("cpu", cpu)):

@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import biograd
 from biograd.models import build_model
-from common import persistent_bytes
+from common import persistent_bytes, sync
 
 BASE = "bp"
 """The baseline: the plain torch model, not converted."""
@@ -147,18 +147,13 @@ def train_step(r: Runner, x: Tensor, y: Tensor, amp: torch.dtype | None) -> None
         r.optimizer.step()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_steps(
     r: Runner, x: Tensor, y: Tensor, amp: torch.dtype | None, steps: int
 ) -> tuple[list[float], float]:
     """Seconds of each of ``steps`` training steps (CUDA events on CUDA, ``perf_counter``
     elsewhere) and the wall-clock seconds of the whole block, synchronized at both ends."""
     device = x.device
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     times: list[float] = []
     events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -173,7 +168,7 @@ def timed_steps(
             t0 = time.perf_counter()
             train_step(r, x, y, amp)
             times.append(time.perf_counter() - t0)
-    _sync(device)
+    sync(device)
     wall = time.perf_counter() - start
     if events:
         times = [begin.elapsed_time(end) / 1e3 for begin, end in events]
@@ -301,7 +296,7 @@ def run_group(
             start = time.perf_counter()
             for _ in range(args.warmup):
                 train_step(r, x, y, amp)
-            _sync(device)
+            sync(device)
             r.warmup_s = time.perf_counter() - start
             if g.mode == "compile":
                 graphs1, breaks1 = _dynamo_counts()
