@@ -376,3 +376,11 @@ def test_lazy_layers_need_a_forward_pass_first() -> None:
     model(torch.randn(2, 4))
     biograd.convert(model, "fa")
     assert isinstance(model[0], nn.Linear) and model[0].feedback_rule == "fa"
+
+
+def test_converting_back_from_a_direct_rule_forgets_its_feedback_points() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    biograd.convert(model, "dfa")
+    assert biograd.conversion_report(model).feedback_points
+    biograd.convert(model, "fa")
+    assert biograd.conversion_report(model).feedback_points == []

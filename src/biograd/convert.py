@@ -76,7 +76,9 @@ def _state(model: nn.Module) -> dict[str, Any]:
 def _unconvert(model: nn.Module) -> None:
     for handle in _state(model)["hooks"]:
         handle.remove()
-    _state(model)["hooks"] = []
+    model.__dict__["_biograd"] = {
+        "hooks": []
+    }  # hooks, feedback points, excluded: all per conversion
     for module in model.modules():
         if isinstance(module, FeedbackLayer):
             module._rule.teardown(module)
@@ -240,9 +242,7 @@ def conversion_report(model: nn.Module) -> ConversionReport:
         if isinstance(module, DirectFeedback):
             continue
         own_params = any(True for _ in module.parameters(recurse=False))
-        if isinstance(module, _EXACT_KINDS) or (
-            own_params and not isinstance(module, FeedbackLayer)
-        ):
+        if isinstance(module, _EXACT_KINDS) or own_params:
             why = _convertible(name, module, parents) if isinstance(module, CONVERTIBLE) else None
             if name in _state(model).get("excluded", ()):
                 why = f"{type(module).__name__} (excluded)"
