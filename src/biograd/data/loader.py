@@ -53,9 +53,10 @@ class Augment:
         std: tuple[float, ...],
         generator: torch.Generator,
     ) -> Tensor:
-        """Augment one batch; random draws come from ``generator`` (a CPU generator)."""
-        n, c, h, w = x.shape
+        """Augment one batch; random draws come from ``generator`` (a CPU generator). Without
+        crops and flips, and without normalisation, any shape (N, ...) passes through."""
         if self.crop_padding > 0:
+            n, c, h, w = x.shape
             p = self.crop_padding
             padded = F.pad(x, (p, p, p, p)).reshape(n, c, -1)
             stride = w + 2 * p
@@ -66,7 +67,7 @@ class Augment:
             index = (dy * stride + dx + window)[:, None, :].expand(n, c, h * w)
             x = padded.gather(2, index).reshape(n, c, h, w)
         if self.hflip:
-            flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+            flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         if self.normalize:
             m = torch.tensor(mean, dtype=x.dtype, device=x.device)[None, :, None, None]

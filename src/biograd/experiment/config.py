@@ -55,9 +55,13 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    """Which data set, where its files are, and how it is batched."""
+    """Which data set, where its files are, and how it is batched. ``factory`` (a
+    ``module:function`` or ``file.py:function`` spec, see ``biograd.experiment.factory``) loads
+    your own data instead, called with ``kwargs``; ``name`` is then only a label."""
 
     name: str = "digits"
+    factory: str | None = None
+    kwargs: dict[str, Any] = {}
     root: str | None = None
     download: bool = False
     batch_size: int = Field(default=32, gt=0)
@@ -68,18 +72,91 @@ class DataConfig(Section):
         default=None, gt=0, description="test on this many random examples"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _factory_label(cls, data: Any) -> Any:
+        return _label_default(data)
+
+    @model_validator(mode="after")
+    def _factory_only(self) -> DataConfig:
+        if self.factory is None:
+            if self.kwargs:
+                raise ValueError("kwargs are the arguments of data.factory, which is not set")
+            return self
+        from ..data import DATASETS
+        from .factory import check_spec
+
+        check_spec(self.factory)
+        if self.name in DATASETS:
+            raise ValueError(
+                f"name {self.name!r} is a built-in data set; with factory, name is only a "
+                "label: leave it out or choose another"
+            )
+        if self.root is not None or self.download:
+            raise ValueError("root and download are for built-in data sets; pass your "
+                             "factory what it needs under data.kwargs")  # fmt: skip
+        return self
+
+
+def _label_default(data: Any) -> Any:
+    # With a factory and no name, the name (a label) is the factory's function name.
+    if isinstance(data, Mapping) and isinstance(data.get("factory"), str) and "name" not in data:
+        from .factory import label
+
+        data = {**data, "name": label(data["factory"])}
+        data.setdefault("kwargs", {})
+    return data
+
 
 class ModelConfig(BaseModel):
     """``name`` from ``biograd.models.MODELS``; every other key is a keyword argument of the
-    model (e.g. ``widths``, ``activation`` for ``mlp``), checked when the model is built."""
+    model (e.g. ``widths``, ``activation`` for ``mlp``), checked when the model is built.
+
+    ``factory`` (a ``module:function`` or ``file.py:function`` spec, see
+    ``biograd.experiment.factory``) builds your own model instead, called with the mapping
+    ``kwargs``; ``name`` is then only a label and ``kwargs`` the only other key."""
 
     model_config = ConfigDict(extra="allow")
 
     name: str = "mlp"
+    factory: str | None = None
 
     def kwargs(self) -> dict[str, Any]:
-        """The model's keyword arguments (every key but ``name``)."""
+        """The model's keyword arguments (every key but ``name`` and ``factory``)."""
         return dict(self.model_extra or {})
+
+    def factory_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``factory`` (``model.kwargs``)."""
+        return dict((self.model_extra or {}).get("kwargs") or {})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _factory_label(cls, data: Any) -> Any:
+        return _label_default(data)
+
+    @model_validator(mode="after")
+    def _factory_only(self) -> ModelConfig:
+        if self.factory is None:
+            return self
+        from ..models import MODELS
+        from .factory import check_spec
+
+        check_spec(self.factory)
+        if self.name in MODELS:
+            raise ValueError(
+                f"name {self.name!r} is a built-in model; with factory, name is only a label: "
+                "leave it out or choose another"
+            )
+        extra = self.model_extra or {}
+        for key in extra:
+            if key != "kwargs":
+                raise ValueError(
+                    f"unknown key 'model.{key}' next to model.factory: the factory's arguments "
+                    "go under model.kwargs"
+                )
+        if not isinstance(extra.get("kwargs", {}), dict):
+            raise ValueError("kwargs must be a mapping of the factory's keyword arguments")
+        return self
 
 
 class RuleConfig(Section):
@@ -349,6 +426,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def dump(cfg: Config) -> dict[str, Any]:
     """The resolved config as plain data (what ``config.yaml`` holds)."""
     data: dict[str, Any] = cfg.model_dump(mode="json")
+    if data["model"].get("factory") is None:  # runs without factories keep their config.yaml
+        data["model"].pop("factory", None)
+    if data["data"].get("factory") is None:
+        data["data"].pop("factory", None)
+        data["data"].pop("kwargs", None)
     return data
 
 

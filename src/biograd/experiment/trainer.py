@@ -77,12 +77,18 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 def load_data(cfg: Config) -> tuple[Any, Any]:
     """The train and test splits named by ``cfg.data`` (subsets drawn with seed 0, so that every
-    seed and rule sees the same examples), normalised once here when no random crop follows."""
+    seed and rule sees the same examples), normalised once here when no random crop follows.
+    ``data.factory`` loads them from the user's code instead (``biograd.experiment.factory``)."""
     from ..data import load_dataset, subset
 
     d = cfg.data
-    train = load_dataset(d.name, root=d.root, split="train", download=d.download)
-    test = load_dataset(d.name, root=d.root, split="test", download=d.download)
+    if d.factory is not None:
+        from .factory import load_factory_data
+
+        train, test = load_factory_data(cfg)
+    else:
+        train = load_dataset(d.name, root=d.root, split="train", download=d.download)
+        test = load_dataset(d.name, root=d.root, split="test", download=d.download)
     if d.subset is not None:
         train = subset(train, d.subset, seed=0)
     if d.test_subset is not None:
@@ -98,7 +104,12 @@ def _normalize_once(cfg: Config, ds: Any) -> bool:
     from ..data import ImageDataset
 
     a = cfg.data.augment
-    return isinstance(ds, ImageDataset) and a.normalize and a.crop_padding == 0
+    return isinstance(ds, ImageDataset) and _has_stats(ds) and a.normalize and a.crop_padding == 0
+
+
+def _has_stats(ds: Any) -> bool:
+    # A factory's tensors carry no statistics (empty mean): they are used as returned.
+    return bool(getattr(ds, "mean", ()))
 
 
 def _normalized(ds: Any) -> Any:
@@ -113,7 +124,7 @@ def loaders(cfg: Config, train: Any, test: Any, seed: int) -> tuple[Any, Any]:
     from ..data import Augment, Loader
 
     a = cfg.data.augment
-    normalize = a.normalize and not _normalize_once(cfg, train)
+    normalize = a.normalize and _has_stats(train) and not _normalize_once(cfg, train)
     world = distributed.world_size()
     train_loader = Loader(
         train,
@@ -136,13 +147,19 @@ def loaders(cfg: Config, train: Any, test: Any, seed: int) -> tuple[Any, Any]:
 
 
 def build(cfg: Config, rule: str, seed: int, in_shape: tuple[int, ...], classes: int) -> nn.Module:
-    """The model of ``cfg.model`` on ``cfg.device``, converted to ``rule`` (plain ``bp`` with no
-    alignment measurements keeps the torch layers: their autograd backward is backprop)."""
+    """The model of ``cfg.model`` (the zoo's, or ``model.factory``'s) on ``cfg.device``, converted
+    to ``rule`` (plain ``bp`` with no alignment measurements keeps the torch layers: their autograd
+    backward is backprop)."""
     from ..models import build_model
 
-    model = build_model(
-        cfg.model.name, in_shape=in_shape, classes=classes, **cfg.model.kwargs()
-    ).to(cfg.device)
+    m = cfg.model
+    if m.factory is not None:
+        from .factory import make_model
+
+        model = make_model(m.factory, m.factory_kwargs(), in_shape, classes).to(cfg.device)
+    else:
+        model = build_model(m.name, in_shape=in_shape, classes=classes, **m.kwargs())
+        model = model.to(cfg.device)
     b = cfg.bottleneck
     if b.layer is not None:
         from ..bottleneck import apply_bottleneck
@@ -516,8 +533,13 @@ def check(cfg: Config) -> None:
     ``convert`` rejects, a device torch does not have."""
     from ..models import model_options
 
-    valid = model_options(cfg.model.name)
-    for key in cfg.model.kwargs():
+    for key, spec in (("model.factory", cfg.model.factory), ("data.factory", cfg.data.factory)):
+        if spec is not None:  # a missing module or attribute fails before any data is read
+            from .factory import resolve
+
+            resolve(spec, key)
+    valid = model_options(cfg.model.name) if cfg.model.factory is None else {}
+    for key in cfg.model.kwargs() if cfg.model.factory is None else ():
         if key not in valid:
             import difflib
 
@@ -557,6 +579,10 @@ def run(
     check(cfg)
     data = distributed.on_main_first(lambda: load_data(cfg))  # rank 0 downloads, then the rest
     assert data is not None
+    if cfg.model.factory is not None:
+        from .factory import check_model
+
+        check_model(cfg, data[0])
     distributed.on_main_first(lambda: prepare(cfg, run_dir, resume=resume), others=False)
     if not distributed.is_main():
         echo = on_epoch = None
