@@ -4,6 +4,8 @@
 >>> model = biograd.convert(model, "fa", seed=0)
 """
 
+from typing import TYPE_CHECKING, Any
+
 from . import direct as direct
 from . import optim as optim
 from . import rules as rules
@@ -20,6 +22,26 @@ from .convert import (
 )
 from .rules import get_rule, rule_names
 
+if TYPE_CHECKING:
+    from .experiment.compare import CompareResult, compare
+    from .experiment.factory import DataSplits
+
+# Imported on first use: they pull in the experiment machinery (pydantic, yaml, the data sets).
+_LAZY = {
+    "compare": "biograd.experiment.compare",
+    "CompareResult": "biograd.experiment.compare",
+    "DataSplits": "biograd.experiment.factory",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'biograd' has no attribute {name!r}")
+
+
 RULES: tuple[str, ...] = rule_names()
 """Names of every learning rule: ``bp fa usf frsf brsf kp dfa sdfa drtp shallow``."""
 
@@ -28,7 +50,10 @@ __version__ = "0.1.0"
 __all__ = [
     "RULES",
     "AlignmentMonitor",
+    "CompareResult",
     "ConversionReport",
+    "DataSplits",
+    "compare",
     "conversion_report",
     "convert",
     "converted_layers",

@@ -18,7 +18,8 @@ from .errors import BiogradError, ConfigError
 COMPARE_RULES = "bp,fa,usf,frsf,brsf,kp,dfa"
 
 # The demo's defaults (`biograd compare` with no options): an MLP on the embedded digits that
-# trains every rule well above chance in about a minute on two CPU cores.
+# trains every rule well above chance in about a minute on two CPU cores. `biograd.compare` from
+# Python starts from them too (biograd.experiment.compare).
 COMPARE_DEFAULTS: dict[str, Any] = {
     "data": {"name": "digits", "batch_size": 32},
     "model": {"name": "mlp", "widths": [128, 128]},
@@ -44,8 +45,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compare", help="train several rules on one task and compare them")
-    c.add_argument("--data", default="digits", help="data set (default: digits, embedded)")
-    c.add_argument("--model", default="mlp", help="model (default: mlp)")
+    c.add_argument(
+        "--data",
+        default="digits",
+        help="data set (default: digits, embedded), or your data factory as module:function or "
+        "path/to/file.py:function",
+    )
+    c.add_argument(
+        "--model",
+        default="mlp",
+        help="model (default: mlp), or your model factory as module:function or "
+        "path/to/file.py:function (its arguments: model.kwargs.NAME=VALUE)",
+    )
     c.add_argument(
         "--rules", default=COMPARE_RULES, help=f"comma-separated (default: {COMPARE_RULES})"
     )
@@ -83,37 +94,29 @@ def _progress() -> bool:
 
 def _finish(run_dir: Path, plots: bool = True) -> None:
     """Print the table, write results.md and (unless ``plots`` is false) the plots."""
-    from .experiment.plots import plot_alignment, plot_metrics
-    from .experiment.table import write_results
+    from .experiment.compare import finish
 
-    print(write_results(run_dir))
-    written = []
-    if plots:
-        written = plot_metrics(run_dir / "metrics.csv", run_dir / "plots")
-        if (run_dir / "alignment.csv").exists():
-            written += plot_alignment(run_dir / "alignment.csv", run_dir / "plots")
+    table, written = finish(run_dir, plots)
+    print(table)
     print(f"\nwrote {run_dir / 'results.md'}" + "".join(f"\n      {p}" for p in written))
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .experiment.config import apply_overrides, validate
+    from .experiment.compare import compare_config
 
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     if args.epochs < 1 or args.seeds < 1:
         raise ConfigError("--epochs and --seeds must be at least 1")
-    items: list[Any] = [
-        ("data.name", args.data),
-        ("model.name", args.model),
-        ("rules", rules),
-        ("epochs", args.epochs),
-        ("seeds", list(range(args.seeds))),
-        ("out", args.out),
-    ]
-    if args.data_dir:
-        items.append(("data.root", args.data_dir))
-    if args.model != "mlp":
-        items.append(("model", {"name": args.model}))
-    cfg = validate(apply_overrides(COMPARE_DEFAULTS, [*items, *args.overrides]))
+    cfg = compare_config(
+        data=args.data,
+        model=args.model,
+        rules=rules,
+        epochs=args.epochs,
+        seeds=range(args.seeds),
+        out=args.out,
+        data_dir=args.data_dir,
+        overrides=args.overrides,
+    )
     return _run_and_finish(cfg, Path(cfg.out or args.out), resume=True)
 
 
