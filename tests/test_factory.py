@@ -337,6 +337,17 @@ def test_python_compare_with_a_lambda_is_not_reproducible_from_its_file(
         biograd.compare(nn.Linear(6, 3), _blobs(64, 0), _blobs(32, 1), out=tmp_path / "m")
 
 
+def test_python_compare_takes_zoo_names_as_the_command_does(tmp_path):
+    result = biograd.compare(
+        "mlp", "digits", rules="fa", epochs=1, seeds=1, out=tmp_path / "zoo",
+        model={"widths": [8]}, data={"subset": 96, "test_subset": 48},
+    )  # fmt: skip
+    assert result.reproducible and result.config.model.name == "mlp"
+    assert result.config.model.kwargs() == {"widths": [8]} and result.config.data.name == "digits"
+    assert [row["rule"] for row in result.rows] == ["fa"]
+    assert result.config.optim.lr == 0.02  # the command's defaults
+
+
 def test_documented_example_runs_from_python_and_the_command_line(tmp_path, capsys):
     # The file spec loads docs/examples/own_model.py; its functions are recorded by that spec.
     make_net = factory.resolve(f"{EXAMPLE}:make_net", "model.factory")

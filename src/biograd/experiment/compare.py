@@ -127,6 +127,8 @@ def _flatten(values: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any
 
 
 def _data_spec(train_data: Any, test_data: Any) -> str:
+    if test_data is None and isinstance(train_data, str) and not is_spec(train_data):
+        return train_data  # a built-in data set, as `--data NAME`
     if test_data is None:
         if isinstance(train_data, str) or callable(train_data):
             return spec_of(train_data, "data")
@@ -143,7 +145,7 @@ def _data_spec(train_data: Any, test_data: Any) -> str:
 
 
 def compare(
-    model: Callable[..., nn.Module] | str,
+    make_model: Callable[..., nn.Module] | str,
     train_data: Any,
     test_data: Any = None,
     *,
@@ -161,11 +163,12 @@ def compare(
     """Train every rule of ``rules`` with ``seeds`` on your model and data, as ``biograd
     compare`` does, into ``out``; return the table and the plots.
 
-    ``model``: a function returning a fresh ``nn.Module`` (called with ``model_kwargs``, and with
-    ``in_shape``/``classes`` when it takes them) or a ``"module:function"`` spec. ``train_data``
-    and ``test_data``: the two splits (``(x, y)`` tensors, torch Datasets or ``biograd.data`` sets;
-    see :func:`biograd.experiment.factory.as_splits`), or ``train_data`` alone: a data factory
-    (callable or spec, called with ``data_kwargs``) returning both. ``seeds``: a count (seeds
+    ``make_model``: a function returning a fresh ``nn.Module`` (called with ``model_kwargs``, and with
+    ``in_shape``/``classes`` when it takes them), a ``"module:function"`` spec, or the name of a
+    zoo model. ``train_data`` and ``test_data``: the two splits (``(x, y)`` tensors, torch
+    Datasets or ``biograd.data`` sets; see :func:`biograd.experiment.factory.as_splits`), or
+    ``train_data`` alone: a data factory (callable or spec, called with ``data_kwargs``) returning
+    both, or the name of a built-in data set. ``seeds``: a count (seeds
     ``0..n-1``) or a list. ``**config``: any other config key, a section as a dict merged key by
     key (``optim={"lr": 0.05}``, ``alignment={"every": 10}``, ``device="cuda"``); ``overrides``:
     dotted ``key=value`` strings as on the command line. Like the command, it resumes a run
@@ -178,7 +181,10 @@ def compare(
     """
     from .trainer import run
 
-    model_spec = spec_of(model, "model")
+    builtin = isinstance(make_model, str) and not is_spec(make_model)  # as `--model NAME`
+    model_spec = (
+        make_model if isinstance(make_model, str) and builtin else spec_of(make_model, "model")
+    )
     data_spec = _data_spec(train_data, test_data)
     if data_kwargs and test_data is not None:
         raise ConfigError("data_kwargs are for a data factory, not for data given as objects")
