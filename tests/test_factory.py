@@ -163,11 +163,12 @@ def test_compare_with_model_and_data_factories(user, capsys):
 
 def _write_config(path: Path, out: Path, **extra) -> Path:
     cfg = {
-        "data": {"factory": "./userfx.py:load", "kwargs": {"n_train": 128, "n_test": 64}},
+        "data": {"factory": "./userfx.py:load", "kwargs": {"n_train": 96, "n_test": 32}},
         "model": {"factory": "./userfx.py:make_net", "kwargs": {"hidden": 8}},
         "rules": RULES.split(","),
         "epochs": 2,
         "alignment": {"every": 2},
+        "plots": False,
         "out": str(out),
         **extra,
     }
@@ -354,7 +355,7 @@ def test_documented_example_runs_from_python_and_the_command_line(tmp_path, caps
     make_data = factory.resolve(f"{EXAMPLE}:make_data", "data.factory")
     result = biograd.compare(
         make_net, make_data, rules=["bp", "dfa"], epochs=1, seeds=1, out=tmp_path / "ex",
-        model_kwargs={"width": 4}, data_kwargs={"n_train": 128, "n_test": 64},
+        model_kwargs={"width": 4}, data_kwargs={"n_train": 128, "n_test": 64}, plots=False,
     )  # fmt: skip
     assert result.reproducible
     assert result.config.model.factory == f"{EXAMPLE}:make_net"
@@ -362,7 +363,7 @@ def test_documented_example_runs_from_python_and_the_command_line(tmp_path, caps
     assert "∠ conv1 (°)" in result.markdown() and "∠ conv2 (°)" in result.markdown()
     status, stdout, _ = call(
         capsys, "compare", "--model", f"{EXAMPLE}:make_net", "--data", f"{EXAMPLE}:make_data",
-        "--rules", "fa", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path / "cli"),
+        "--rules", "fa", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path / "cli"), "plots=false",
         "model.kwargs.width=4", "data.kwargs.n_train=128", "data.kwargs.n_test=64",
     )  # fmt: skip
     assert status == 0 and "| fa | " in stdout
@@ -388,7 +389,7 @@ def test_a_script_run_as_main_records_its_file(tmp_path, capsys, monkeypatch):
 
             if __name__ == "__main__":
                 RESULT = biograd.compare(net, data, rules=["bp", "fa"], epochs=1, seeds=1,
-                                         out="runs/exp")
+                                         out="runs/exp", plots=False)
             """
         )
     )

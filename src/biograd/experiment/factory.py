@@ -127,7 +127,7 @@ def spec_of(obj: Any, role: str) -> str:
             try:
                 if _resolve_attr(importlib.import_module(module), qualname) is obj:
                     return f"{module}:{qualname}"
-            except (ImportError, AttributeError):
+            except Exception:  # not importable as named: this process's object
                 pass
     name = qualname if isinstance(qualname, str) else type(obj).__name__
     return session_spec(role, name, obj)
