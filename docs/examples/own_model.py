@@ -7,7 +7,7 @@ Run it as a script (from the repository root):
 or hand its two factories to the command line:
 
     biograd compare --model docs/examples/own_model.py:make_net \\
-        --data docs/examples/own_model.py:make_data --rules bp,fa,dfa --epochs 3 --seeds 2
+        --data docs/examples/own_model.py:make_data --rules bp,fa,dfa --epochs 5 --seeds 2
 
 See docs/own-model.md.
 """
@@ -89,7 +89,7 @@ if __name__ == "__main__":
         make_net,
         make_data,  # a data factory; or pass the splits: compare(make_net, (x, y), (x_test, y_test))
         rules=["bp", "fa", "dfa"],
-        epochs=3,
+        epochs=5,
         seeds=2,
         out="runs/own-model",
         optim={"lr": 0.05},
