@@ -126,10 +126,10 @@ def test_mask_bottleneck_trains_only_the_kept_units(mnist_dir: Path, tmp_path: P
     for rule in ("bp", "dfa"):
         seed_everything(0)
         start = build(cfg, rule, 0, (1, 28, 28), 10).state_dict()["fc2.weight"]
-        end = final_state(out / "b1", rule, 0)["fc2.weight"]
+        end = final_state(out / "b1" / f"{rule}-seed0", rule, 0)["fc2.weight"]
         assert torch.equal(end[1:], start[1:])  # plain SGD: masked units never move
         assert not torch.equal(end[0], start[0])
-    alignment = read_rows(out / "b1" / "alignment.csv")
+    alignment = read_rows(out / "b1" / "dfa-seed0" / "alignment.csv")
     assert any(r["layer"] == "fc2" and r["kind"] == "gradient" for r in alignment)
 
 
@@ -144,7 +144,11 @@ def test_reproduce_smoke_writes_table_and_resumes(
     assert main([*args, "--out", str(out)]) == 0
     table = (out / "results.md").read_text()
     spec = load_spec(CONFIGS / "biotorch" / "lenet_mnist.yaml")
-    metrics = read_rows(out / "default" / "metrics.csv")
+    metrics = [
+        row
+        for rule in spec.rules
+        for row in read_rows(out / "default" / f"{rule}-seed0" / "metrics.csv")
+    ]
     assert sorted({r["rule"] for r in metrics}) == sorted(spec.rules)
     for rule in spec.rules:
         (row,) = [r for r in metrics if r["rule"] == rule]
@@ -162,7 +166,11 @@ def test_reproduce_smoke_writes_table_and_resumes(
 
     capsys.readouterr()
     assert main([*args, "--out", str(out)]) == 0  # finished cells are skipped
-    assert read_rows(out / "default" / "metrics.csv") == metrics
+    assert [
+        row
+        for rule in spec.rules
+        for row in read_rows(out / "default" / f"{rule}-seed0" / "metrics.csv")
+    ] == metrics
     assert "| default | bp |" in capsys.readouterr().out
 
 

@@ -14,7 +14,8 @@ R, IMG = Path("runs/reproduce"), Path("docs/img")
 
 def rows_of(name):
     out = R / name
-    return grid_rows(out, Spec.model_validate(read_yaml(out / "grid.yaml")["spec"]))
+    grid = read_yaml(out / "grid.yaml")
+    return grid_rows(out, Spec.model_validate(grid["spec"]), str(grid["scale"]))
 
 
 def lenet():

@@ -80,6 +80,28 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--scale", default="full", help="smoke, full, or a scale the spec defines")
     r.add_argument("--data-dir", help="directory of the data files")
     r.add_argument("--out", help="output directory (default: runs/reproduce/<name>-<scale>)")
+    r.add_argument(
+        "--jobs", type=int, default=1, help="cells run at once as processes (default: 1)"
+    )
+    r.add_argument("--list", action="store_true", help="list the cells and their status")
+    r.add_argument("--cell", type=int, metavar="K", help="run only cell K (see --list)")
+    r.add_argument(
+        "--results-from",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="count the cells finished in DIR (an --export folder) as finished (repeatable)",
+    )
+    r.add_argument(
+        "--export",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="copy the finished cells' small files to DIR "
+        "(default: benchmarks/results/<date>-<name>-<scale>) and stop",
+    )
+    r.add_argument("--threads", type=int, help="CPU threads of this process (torch)")
+    r.add_argument("--no-results", action="store_true", help=argparse.SUPPRESS)
     r.set_defaults(func=_reproduce)
 
     rep = sub.add_parser("report", help="rebuild the table and plots of a run directory")
@@ -138,12 +160,42 @@ def _run_and_finish(cfg: Any, out: Path, resume: bool) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .experiment.runner import find_spec, reproduce
+    from .experiment.grid import export, list_cells, reproduce_grid
+    from .experiment.runner import find_spec, load_spec
 
     spec = find_spec(args.name)
     out = Path(args.out or Path("runs") / "reproduce" / f"{spec.stem}-{args.scale}")
-    table = reproduce(spec, out, scale=args.scale, data_dir=args.data_dir, progress=_progress())
-    if not distributed.is_main():
+    results_from = [Path(d) for d in args.results_from]
+    for d in results_from:
+        if not d.is_dir():
+            raise ConfigError(f"--results-from {d}: no such directory")
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be at least 1")
+    if args.list:
+        print(list_cells(load_spec(spec), args.scale, out, results_from))
+        return 0
+    if args.export is not None:
+        dest = export(spec, args.scale, out, Path(args.export) if args.export else None)
+        print(f"wrote {dest}")
+        return 0
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    table = reproduce_grid(
+        spec,
+        out,
+        scale=args.scale,
+        data_dir=args.data_dir,
+        jobs=args.jobs,
+        cell=args.cell,
+        results_from=results_from,
+        progress=_progress(),
+        results=not args.no_results,
+    )
+    if not distributed.is_main() or args.no_results:
         return 0
     print()
     print(table)
@@ -153,13 +205,14 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from .experiment.config import read_yaml
-    from .experiment.runner import Spec, write_grid_results
+    from .experiment.grid import write_results
+    from .experiment.runner import Spec
 
     run_dir = Path(args.run_dir)
     if (run_dir / "grid.yaml").exists():
         grid = read_yaml(run_dir / "grid.yaml")
         spec = Spec.model_validate(grid["spec"])
-        print(write_grid_results(run_dir, spec, str(grid["scale"])))
+        print(write_results(run_dir, spec, str(grid["scale"])))
         print(f"\nwrote {run_dir / 'results.md'}")
         return 0
     if not (run_dir / "metrics.csv").exists():

@@ -6,10 +6,12 @@ from biograd.data.datasets import (
     DATASETS,
     Dataset,
     ImageDataset,
+    data_label,
     load_dataset,
     load_digits,
     read_idx,
     subset,
+    validation_split,
 )
 from biograd.data.files import DATA_DIR_ENV, MIRROR_ENV, default_root, md5sum
 from biograd.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, ImageFolder
@@ -26,6 +28,7 @@ __all__ = [
     "ImageDataset",
     "ImageFolder",
     "Loader",
+    "data_label",
     "default_root",
     "epoch_generator",
     "load_dataset",
@@ -33,4 +36,5 @@ __all__ = [
     "md5sum",
     "read_idx",
     "subset",
+    "validation_split",
 ]

@@ -33,7 +33,32 @@ from biograd.data.files import (
 from biograd.data.imagefolder import ImageFolder
 from biograd.errors import DataError
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
+DATASETS = (
+    "digits",
+    "mnist",
+    "fashion-mnist",
+    "cifar10",
+    "cifar100",
+    "cifar10-jpeg",
+    "imagefolder",
+)
+
+#: How tables name a data set whose numbers are not those of the official benchmark.
+LABELS = {"cifar10-jpeg": "CIFAR-10 (JPEG proxy)"}
+
+#: The CIFAR-10 JPEG proxy: the official 50,000/10,000 split re-encoded as JPEG quality 75, in
+#: image-folder layout (train/<class>/NNNN.jpg, test/<class>/NNNN.jpg); see docs/data.md.
+CIFAR10_JPEG_ARCHIVE = "cifar10-jpeg.tar.gz"
+CIFAR10_JPEG_SHA256: str | None = "45b041e867f5a40f79bfde38d3dd1fd511103d50068c1afecf6445e25234d4db"
+_CIFAR10_JPEG_CLASSES = 10
+
+
+def data_label(name: str) -> str:
+    """The name tables must print for data set ``name`` (e.g. 'CIFAR-10 (JPEG proxy)')."""
+    key = name.lower().replace("_", "-")
+    return LABELS.get(key, key)
+
+
 SPLITS = ("train", "test")
 
 #: The embedded digits set is split once, by this seed, into 1437 training and 360 test images.
@@ -78,6 +103,7 @@ def load_dataset(
     download: bool = False,
     mirror: str | None = None,
     image_size: int = 224,
+    in_memory: bool = False,
 ) -> Dataset:
     """Load one split of a data set.
 
@@ -85,7 +111,10 @@ def load_dataset(
     files are looked up in ``root/<name>/`` and then in ``root/`` itself. ``download`` fetches
     missing or corrupt official files into ``root/<name>/`` from ``mirror`` (or
     ``$BIOGRAD_DATA_MIRROR``, a base URL) or else the official mirrors. ``image_size`` is the side
-    of the square crops an image folder yields. ``digits`` is embedded and ignores all of these.
+    of the square crops an image folder yields; ``in_memory`` decodes an image folder of
+    same-size images once into a cached tensor instead (``biograd.data.cache``) and returns an
+    in-memory set. ``cifar10-jpeg`` is always in memory. ``digits`` is embedded and ignores all of
+    these.
     """
     key = name.lower().replace("_", "-")
     if key not in DATASETS:
@@ -103,7 +132,16 @@ def load_dataset(
                 "imagefolder: image folders cannot be downloaded; fetch the images yourself and "
                 "pass --data-dir DIR holding train/<class>/<image> and val/<class>/<image>"
             )
+        if in_memory:
+            return _load_folder_in_memory(base, split, "imagefolder")
         return ImageFolder.from_root(base, split, image_size=image_size)
+    if key == "cifar10-jpeg":
+        if download:
+            raise DataError(
+                "cifar10-jpeg cannot be downloaded; pass --data-dir DIR holding "
+                f"cifar10-jpeg/{CIFAR10_JPEG_ARCHIVE} or its unpacked train/ and test/ folders"
+            )
+        return _load_cifar10_jpeg(base, split)
     if key in _IDX:
         return _load_idx(key, base, split, download, mirror)
     return _load_cifar(key, base, split, download, mirror)
@@ -125,6 +163,106 @@ def subset(ds: Dataset, n: int, seed: int = 0) -> Dataset:
     if isinstance(ds, ImageFolder):
         return ds.select(idx.tolist())
     return replace(ds, x=ds.x[idx], y=ds.y[idx])
+
+
+def validation_split(ds: Dataset, n: int, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(the rest, ``n`` held-out examples) of a training split: the held-out ones are a fixed
+    random draw (``seed``), both parts keep their original order. The held-out part is labelled
+    split 'validation'; choose hyperparameters on it, never on the test set."""
+    if not 0 < n < len(ds):
+        raise DataError(
+            f"data.validation={n} must be between 1 and {len(ds) - 1} (the train size - 1)"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(ds), generator=gen)
+    held, rest = perm[:n].sort().values, perm[n:].sort().values
+    if isinstance(ds, ImageFolder):
+        return ds.select(rest.tolist()), ds.select(held.tolist())
+    return replace(ds, x=ds.x[rest], y=ds.y[rest]), replace(
+        ds, x=ds.x[held], y=ds.y[held], split="validation"
+    )
+
+
+# --- image folders in memory (CIFAR-10 JPEG proxy, users' small images) -----------------------
+
+
+def _in_memory(
+    x: Tensor, y: Tensor, classes: list[str], train_x: Tensor, name: str, split: str
+) -> ImageDataset:
+    """An ImageDataset from decoded uint8 images, normalised by ``train_x``'s channel stats
+    (computed exactly from per-channel histograms of the 256 byte values)."""
+    levels = torch.arange(256, dtype=torch.float64) / 255.0
+    mean, std = [], []
+    for c in range(train_x.shape[1]):
+        counts = torch.bincount(train_x[:, c].reshape(-1), minlength=256).to(torch.float64)
+        m = float((counts * levels).sum() / counts.sum())
+        mean.append(m)
+        std.append(math.sqrt(float((counts * (levels - m) ** 2).sum() / counts.sum())))
+    return ImageDataset(
+        x.to(torch.float32) / 255.0, y, len(classes), name, tuple(mean), tuple(std), split
+    )
+
+
+def _split_folder(root: Path, split: str) -> Path | None:
+    return next(
+        (root / d for d in (split, *(("val",) if split == "test" else ())) if (root / d).is_dir()),
+        None,
+    )
+
+
+def _load_folder_in_memory(root: Path, split: str, name: str) -> ImageDataset:
+    from biograd.data.cache import decoded_folder
+
+    folder, train_folder = _split_folder(root, split), _split_folder(root, "train")
+    if folder is None or train_folder is None:
+        raise DataError(
+            f"{name}: missing {root / 'train'} or {root / split}; pass --data-dir DIR holding "
+            "train/<class>/<image> and test/<class>/<image>"
+        )
+    x, y, classes = decoded_folder(folder)
+    train_x, _, train_classes = (
+        decoded_folder(train_folder) if split != "train" else (x, y, classes)
+    )
+    if classes != train_classes:
+        raise DataError(f"{name}: {folder} and {train_folder} hold different class folders")
+    return _in_memory(x, y, classes, train_x, name, split)
+
+
+def _load_cifar10_jpeg(root: Path, split: str) -> ImageDataset:
+    """The CIFAR-10 JPEG proxy from an unpacked folder (``root/cifar10-jpeg/{train,test}`` or
+    ``root/{train,test}``) or, failing that, straight from ``cifar10-jpeg.tar.gz`` (in
+    ``root/cifar10-jpeg/`` or ``root/``); decoded once into the cache either way."""
+    from biograd.data.cache import decoded_archive
+
+    name = "cifar10-jpeg"
+    for folder in (root / name, root):
+        if _split_folder(folder, "train") and _split_folder(folder, split):
+            ds = _load_folder_in_memory(folder, split, name)
+            break
+    else:
+        archive = next(
+            (
+                p
+                for p in (root / name / CIFAR10_JPEG_ARCHIVE, root / CIFAR10_JPEG_ARCHIVE)
+                if p.is_file()
+            ),
+            None,
+        )
+        if archive is None:
+            raise DataError(
+                f"{name}: missing {root / name / CIFAR10_JPEG_ARCHIVE} (or its unpacked train/ and "
+                "test/ folders); pass --data-dir DIR holding it (see docs/data.md)"
+            )
+        x, y, classes = decoded_archive(archive, split, CIFAR10_JPEG_SHA256)
+        train_x = (
+            x if split == "train" else decoded_archive(archive, "train", CIFAR10_JPEG_SHA256)[0]
+        )
+        ds = _in_memory(x, y, classes, train_x, name, split)
+    if ds.shape != (3, 32, 32) or ds.classes != _CIFAR10_JPEG_CLASSES:
+        raise DataError(
+            f"{name}: expected {_CIFAR10_JPEG_CLASSES} classes of 3x32x32 images, got {ds.classes} of {ds.shape}"
+        )
+    return ds
 
 
 # --- digits -----------------------------------------------------------------------------------

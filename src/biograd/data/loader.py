@@ -25,7 +25,12 @@ from biograd.errors import DataError
 
 # Standard training augmentation per data set: CIFAR pads by 4 and flips (He et al. 2016,
 # sec. 4.2); image folders flip (their crops are drawn while decoding); digit sets do neither.
-_TRAIN_AUGMENT = {"cifar10": (4, True), "cifar100": (4, True), "imagefolder": (0, True)}
+_TRAIN_AUGMENT = {
+    "cifar10": (4, True),
+    "cifar100": (4, True),
+    "cifar10-jpeg": (4, True),
+    "imagefolder": (0, True),
+}
 
 
 @dataclass(frozen=True)

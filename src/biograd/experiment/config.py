@@ -71,6 +71,17 @@ class DataConfig(Section):
     test_subset: int | None = Field(
         default=None, gt=0, description="test on this many random examples"
     )
+    validation: int | None = Field(
+        default=None,
+        gt=0,
+        description="hold out this many training examples (a fixed random draw) and evaluate on "
+        "them instead of the test set; the test set is not read",
+    )
+    in_memory: bool = Field(
+        default=False,
+        description="imagefolder: decode same-size images once into a cached tensor "
+        "(biograd.data.cache) instead of streaming them",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -222,7 +233,8 @@ class BottleneckConfig(Section):
 
 # Keys a rule may not override: the grid's axes and what is loaded once for every rule.
 _SHARED_KEYS = ("data", "rules", "seeds", "rule_overrides", "data.name", "data.root",
-                "data.download", "data.subset", "data.test_subset", "device", "out")  # fmt: skip
+                "data.download", "data.subset", "data.test_subset", "data.validation",
+                "data.in_memory", "device", "out")  # fmt: skip
 
 
 class Config(Section):

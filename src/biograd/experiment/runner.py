@@ -23,26 +23,27 @@ A spec (``configs/<source>/<name>.yaml``)::
 
 ``--scale full`` runs the spec as written (when ``scales`` has no ``full`` entry); ``--scale
 smoke`` without a ``smoke`` entry runs one epoch on 512 training and 512 test examples with the
-first seed. Every setting is one run directory (``<out>/<setting>/``) trained by
-:func:`biograd.experiment.trainer.run` with ``resume=True``: finished (rule, seed) cells are
-skipped and a partial one continues from its last checkpoint.
+first seed. A setting may also hold ``rules: [...]`` (it runs only those of the grid's rules)
+and ``seeds: [...]``; ``rule_seeds: {bp: [0, 1]}`` (in the spec or a scale) gives a rule its own
+seeds; ``sweep: true`` makes ``results.md`` name each rule's best setting.
+
+Every (setting, rule, seed) is one cell with its own run directory
+(``<out>/<setting>/<rule>-seed<seed>/``), trained by :func:`biograd.experiment.trainer.run` with
+``resume=True``: finished cells are skipped and a partial one continues from its last checkpoint;
+``--jobs N`` runs cells as parallel processes, ``--cell K`` one cell (see
+:mod:`biograd.experiment.grid`).
 """
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from .. import distributed
 from ..errors import ConfigError
 from .config import Config, Section, _describe, apply_overrides, known_rule, read_yaml, validate
-from .table import summarize
-from .trainer import run
 
 SMOKE = {"epochs": 1, "data.subset": 512, "data.test_subset": 512}
 
@@ -54,6 +55,7 @@ class Scale(Section):
     rules: list[str] | None = None
     settings: list[str] | None = None
     seeds: list[int] | None = None
+    rule_seeds: dict[str, list[int]] = Field(default_factory=dict)
 
 
 class Spec(Section):
@@ -70,6 +72,14 @@ class Spec(Section):
     metric: Literal["test_error", "test_acc"] = "test_error"
     published: dict[str, dict[str, float]] = Field(default_factory=dict)
     scales: dict[str, Scale] = Field(default_factory=dict)
+    rule_seeds: dict[str, list[int]] = Field(
+        default_factory=dict, description="rule -> its seeds, instead of seeds (e.g. more for bp)"
+    )
+    sweep: bool = Field(
+        default=False,
+        description="a hyperparameter sweep: results.md names each rule's best setting and the "
+        "rule_overrides that carry it into a full spec",
+    )
 
     @field_validator("rules")
     @classmethod
@@ -135,9 +145,15 @@ def cell_configs(spec: Spec, scale: str, data_dir: str | None = None) -> dict[st
             raise ConfigError(f"scale {scale!r} names unknown setting {s!r}")
     out = {}
     for setting in settings:
-        items: list[tuple[str, Any]] = [*spec.settings[setting].items(), *sc.overrides.items()]
-        items.append(("rules", sc.rules or spec.rules))
-        items.append(("seeds", sc.seeds or spec.seeds))
+        own = dict(spec.settings[setting])
+        # A setting may name its own rules (a subset of the grid's) and seeds.
+        own_rules, own_seeds = own.pop("rules", None), own.pop("seeds", None)
+        rules = [r for r in sc.rules or spec.rules if own_rules is None or r in own_rules]
+        if not rules:
+            continue
+        items: list[tuple[str, Any]] = [*own.items(), *sc.overrides.items()]
+        items.append(("rules", rules))
+        items.append(("seeds", sc.seeds or own_seeds or spec.seeds))
         if data_dir is not None:
             items.append(("data.root", data_dir))
         try:
@@ -155,67 +171,26 @@ def reproduce(
     data_dir: str | None = None,
     progress: bool = True,
     echo: Callable[[str], None] | None = print,
+    jobs: int = 1,
 ) -> str:
-    """Run (or resume) the grid of ``spec_path`` into ``out``; write and return ``results.md``."""
-    spec = load_spec(spec_path)
-    configs = cell_configs(spec, scale, data_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    grid = {"scale": scale, "spec": spec.model_dump(mode="json")}
-    if distributed.is_main():
-        (out / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
-    for setting, cfg in configs.items():
-        if echo is not None:
-            echo(
-                f"== {setting}: {', '.join(cfg.run_rules())} x seeds {cfg.seeds}, {cfg.epochs} epochs"
-            )
-        run(cfg, out / setting, resume=True, progress=progress, echo=echo)
-    if not distributed.is_main():
-        return ""
-    return write_grid_results(out, spec, scale)
+    """Run (or resume) the grid of ``spec_path`` into ``out``; write and return ``results.md``
+    (see :func:`biograd.experiment.grid.reproduce_grid` for cells, ``--jobs`` and resuming)."""
+    from .grid import reproduce_grid
+
+    return reproduce_grid(
+        spec_path, out, scale=scale, data_dir=data_dir, progress=progress, echo=echo, jobs=jobs
+    )
 
 
-def grid_rows(out: Path, spec: Spec) -> list[dict[str, Any]]:
-    """One row per (setting, rule): published value, ours (mean and std over seeds), seeds."""
-    rows = []
-    for setting in spec.settings:
-        if not (out / setting / "metrics.csv").exists():
-            continue
-        for s in summarize(out / setting):
-            values = [100 * a if spec.metric == "test_acc" else 100 * (1 - a) for a in s.test_acc]
-            rows.append(
-                {
-                    "setting": setting,
-                    "rule": s.rule,
-                    "published": spec.published.get(setting, {}).get(s.rule),
-                    "ours": statistics.fmean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "seeds": len(values),
-                    "epochs": s.epochs,
-                }
-            )
-    return rows
+def grid_rows(out: Path, spec: Spec, scale: str = "full") -> list[dict[str, Any]]:
+    """One row per (setting, rule) with finished cells (see ``biograd.experiment.grid``)."""
+    from .grid import grid_rows as rows
+
+    return rows(out, spec, scale)
 
 
 def write_grid_results(out: Path, spec: Spec, scale: str) -> str:
-    """``results.md`` of a grid: published vs ours vs difference, per setting and rule."""
-    metric = "test error (%)" if spec.metric == "test_error" else "test accuracy (%)"
-    lines = [
-        f"| setting | rule | published {metric} | ours | difference | seeds | epochs |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in grid_rows(out, spec):
-        pub = r["published"]
-        ours = f"{r['ours']:.2f}" + (f" ± {r['std']:.2f}" if r["seeds"] > 1 else "")
-        diff = f"{r['ours'] - pub:+.2f}" if pub is not None else "-"
-        pub_text = f"{pub:.2f}" if pub is not None else "-"
-        lines.append(
-            f"| {r['setting']} | {r['rule']} | {pub_text} | {ours} | {diff} | {r['seeds']} | {r['epochs']} |"
-        )
-    table = "\n".join(lines)
-    source = f"Published numbers: {spec.paper}.\n\n" if spec.paper else ""
-    text = (
-        f"# {spec.title} (scale: {scale})\n\n{source}{table}\n\n"
-        "Ours: mean ± sample std over seeds after the last epoch; difference = ours - published.\n"
-    )
-    (out / "results.md").write_text(text)
-    return table
+    """Rebuild ``results.md`` of a grid from its finished cells."""
+    from .grid import write_results
+
+    return write_results(out, spec, scale)

@@ -78,8 +78,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 def load_data(cfg: Config) -> tuple[Any, Any]:
     """The train and test splits named by ``cfg.data`` (subsets drawn with seed 0, so that every
     seed and rule sees the same examples), normalised once here when no random crop follows.
-    ``data.factory`` loads them from the user's code instead (``biograd.experiment.factory``)."""
-    from ..data import load_dataset, subset
+    ``data.factory`` loads them from the user's code instead (``biograd.experiment.factory``).
+    With ``data.validation`` the "test" split is that many held-out training examples."""
+    from ..data import load_dataset, subset, validation_split
 
     d = cfg.data
     if d.factory is not None:
@@ -87,8 +88,18 @@ def load_data(cfg: Config) -> tuple[Any, Any]:
 
         train, test = load_factory_data(cfg)
     else:
-        train = load_dataset(d.name, root=d.root, split="train", download=d.download)
-        test = load_dataset(d.name, root=d.root, split="test", download=d.download)
+        train = load_dataset(
+            d.name, root=d.root, split="train", download=d.download, in_memory=d.in_memory
+        )
+        test = (
+            None
+            if d.validation is not None
+            else load_dataset(
+                d.name, root=d.root, split="test", download=d.download, in_memory=d.in_memory
+            )
+        )
+    if d.validation is not None:  # evaluate on held-out training examples, never the test set
+        train, test = validation_split(train, d.validation)
     if d.subset is not None:
         train = subset(train, d.subset, seed=0)
     if d.test_subset is not None:
