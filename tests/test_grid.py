@@ -54,7 +54,7 @@ def test_cells_are_numbered_and_settings_restrict_rules(spec_path: Path) -> None
         "narrow/fa-seed1",
         "wide/fa-seed0",
         "wide/fa-seed1",
-    ]
+    ]  # setting, then seed, then rule
     assert [c.index for c in cells] == list(range(5))
     assert all(c.config.run_rules() == [c.rule] and c.config.seeds == [c.seed] for c in cells)
 

@@ -67,17 +67,26 @@ class Cell:
 
 
 def grid_cells(spec: Spec, scale: str, data_dir: str | None = None) -> list[Cell]:
-    """Every cell of ``spec`` at ``scale``, numbered setting by setting, rule by rule, seed by seed
-    (the numbering is what ``--cell K`` and ``--list`` use)."""
+    """Every cell of ``spec`` at ``scale``, numbered setting by setting, then seed by seed, then
+    rule by rule (so that a grid run in order completes every rule's first seed before any
+    rule's second); ``--cell K`` and ``--list`` use these numbers. A cell's config is its rule's
+    (``rule_overrides`` applied, see ``Config.for_rule``) with ``rules``/``seeds`` of one entry
+    each: it does not depend on the other rules' settings, nor on the other seeds."""
     cells: list[Cell] = []
     for setting, cfg in cell_configs(spec, scale, data_dir).items():
-        base = dump(cfg)
-        for rule in cfg.run_rules():
-            for seed in seeds_of(spec, scale, rule, cfg.seeds):
-                items = [("rules", [rule]), ("seeds", [seed])]
-                cells.append(
-                    Cell(len(cells), setting, rule, seed, validate(apply_overrides(base, items)))
-                )
+        rules = cfg.run_rules()
+        if "seeds" in spec.settings[setting]:  # a setting's own seeds win over rule_seeds
+            seeds = {r: cfg.seeds for r in rules}
+        else:
+            seeds = {r: seeds_of(spec, scale, r, cfg.seeds) for r in rules}
+        order = list(dict.fromkeys(s for r in rules for s in seeds[r]))
+        for seed in order:
+            for rule in rules:
+                if seed not in seeds[rule]:
+                    continue
+                items = [("rules", [rule]), ("seeds", [seed]), ("rule.name", rule)]
+                config = validate(apply_overrides(dump(cfg.for_rule(rule)), items))
+                cells.append(Cell(len(cells), setting, rule, seed, config))
     return cells
 
 
@@ -566,36 +575,48 @@ def _angle_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def sweep_group(setting: str) -> str:
+    """The group of a sweep setting: its name up to ``lr_`` (``manhattan_lr_1e-4`` ->
+    ``manhattan``; ``lr_0.1`` -> ``''``, the plain group). Each rule's best setting is chosen
+    within each group."""
+    head, sep, _ = setting.rpartition("lr_")
+    return head.rstrip("_") if sep else setting
+
+
 def _sweep_choice(spec: Spec, rows: list[dict[str, Any]]) -> str:
-    """Per rule, the setting with the best mean metric, and the ``rule_overrides`` that carry
-    it into a full spec."""
-    best: dict[str, dict[str, Any]] = {}
+    """Per group and rule, the setting with the best mean metric, and the ``rule_overrides``
+    that carry it into a full spec."""
+    best: dict[tuple[str, str], dict[str, Any]] = {}
     sign = -1.0 if spec.metric == "test_acc" else 1.0
     for r in rows:
         if not r["seeds"] or r["diverged"]:
             continue
-        if r["rule"] not in best or sign * r["ours"] < sign * best[r["rule"]]["ours"]:
-            best[r["rule"]] = r
+        key = (sweep_group(r["setting"]), r["rule"])
+        if key not in best or sign * r["ours"] < sign * best[key]["ours"]:
+            best[key] = r
     lines = [
-        "## Chosen per rule (best mean, diverged settings excluded)",
+        "## Chosen per rule (best mean; settings where a seed diverged are excluded)",
         "",
-        "| rule | setting | ours |",
-        "|---|---|---:|",
+        "| group | rule | setting | ours |",
+        "|---|---|---|---:|",
     ]
-    lines += [f"| {rule} | {r['setting']} | {r['ours']:.2f} |" for rule, r in best.items()]
-    overrides = {rule: dict(spec.settings[r["setting"]]) for rule, r in best.items()}
-    snippet = yaml.safe_dump(
-        {"rule_overrides": overrides}, sort_keys=False, default_flow_style=None
-    )
+    lines += [
+        f"| {g or '(plain)'} | {rule} | {r['setting']} | {r['ours']:.2f} |"
+        for (g, rule), r in sorted(best.items())
+    ]
     lines += [
         "",
-        "Carry the choice into the full spec (its `base`):",
-        "",
-        "```yaml",
-        snippet.rstrip(),
-        "```",
-        "",
+        "Carry the choice into the full spec: `rule_overrides` of its `base` (plain group)",
     ]
+    lines += ["or of the setting of that name (other groups):", ""]
+    for group in sorted({g for g, _ in best}):
+        overrides = {
+            rule: dict(spec.settings[r["setting"]]) for (g, rule), r in best.items() if g == group
+        }
+        snippet = yaml.safe_dump(
+            {"rule_overrides": overrides}, sort_keys=False, default_flow_style=None
+        )
+        lines += [f"{group or 'base'}:", "", "```yaml", snippet.rstrip(), "```", ""]
     return "\n".join(lines)
 
 

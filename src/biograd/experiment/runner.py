@@ -24,8 +24,9 @@ A spec (``configs/<source>/<name>.yaml``)::
 ``--scale full`` runs the spec as written (when ``scales`` has no ``full`` entry); ``--scale
 smoke`` without a ``smoke`` entry runs one epoch on 512 training and 512 test examples with the
 first seed. A setting may also hold ``rules: [...]`` (it runs only those of the grid's rules)
-and ``seeds: [...]``; ``rule_seeds: {bp: [0, 1]}`` (in the spec or a scale) gives a rule its own
-seeds; ``sweep: true`` makes ``results.md`` name each rule's best setting.
+and ``seeds: [...]`` (for all its rules); elsewhere ``rule_seeds: {bp: [0, 1]}`` (in the spec or a
+scale) gives a rule its own seeds; ``sweep: true`` makes ``results.md`` name each rule's best
+setting per group (the setting name up to ``lr_``).
 
 Every (setting, rule, seed) is one cell with its own run directory
 (``<out>/<setting>/<rule>-seed<seed>/``), trained by :func:`biograd.experiment.trainer.run` with
