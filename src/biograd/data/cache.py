@@ -42,7 +42,7 @@ def cache_dir() -> Path:
 
 def _image_files(folder: Path) -> list[tuple[str, str]]:
     """(class name, path) of every image under ``folder/<class>/``, sorted."""
-    out = []
+    out: list[tuple[str, str]] = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.is_dir():
             out.extend(
