@@ -201,6 +201,7 @@ def test_unknown_dataset_and_split() -> None:
         "fashion-mnist",
         "cifar10",
         "cifar100",
+        "cifar10-jpeg",
         "imagefolder",
     }
 
