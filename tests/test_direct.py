@@ -29,6 +29,12 @@ def engine_of(model: nn.Module) -> DirectFeedback:
     return engines[0]
 
 
+def primed(model: nn.Module, x: Tensor | None = None) -> nn.Module:
+    """``model`` after one forward pass, which draws its direct feedback."""
+    model(torch.randn(2, 6) if x is None else x)
+    return model
+
+
 def mlp() -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 8), nn.Tanh(), nn.Linear(8, 4)
@@ -103,10 +109,10 @@ def test_dfa_with_the_output_weights_as_feedback_is_backprop() -> None:
     """One hidden layer: B = W2^T makes B e = W2^T e, the back-propagated error."""
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
     plain = copy.deepcopy(model)
-    biograd.convert(model, "dfa")
+    primed(biograd.convert(model, "dfa"), torch.randn(2, 5))
     eng = engine_of(model)
     eng.set_matrix("2", model[2].weight.detach().T)
-    torch.testing.assert_close(biograd.feedback_weight(model[2]), model[2].weight.detach().T)
+    torch.testing.assert_close(biograd.feedback_weight(model[0]), model[2].weight.detach().T)
     x, y = torch.randn(9, 5), torch.randint(0, 3, (9,))
     F.cross_entropy(model(x), y).backward()
     F.cross_entropy(plain(x), y).backward()
@@ -317,7 +323,7 @@ def hashed_matrix(basis: Tensor, seed: int, key: str, d: int, scale: float) -> T
 def test_layouts_give_their_documented_feedback(layout: str, norm: str) -> None:
     model = mlp()
     plain = copy.deepcopy(model)
-    biograd.convert(model, "dfa", seed=5, layout=layout, norm=norm, hashed_rows=7)
+    primed(biograd.convert(model, "dfa", seed=5, layout=layout, norm=norm, hashed_rows=7))
     eng = engine_of(model)
     expected: dict[str, Tensor] = {}
     for key, d in (("2", 9), ("4", 8)):
@@ -331,7 +337,8 @@ def test_layouts_give_their_documented_feedback(layout: str, norm: str) -> None:
             assert eng.basis.shape == (7, 4)
             expected[key] = hashed_matrix(eng.basis, 5, key, d, scale)
         torch.testing.assert_close(eng.matrix(key), expected[key])
-        torch.testing.assert_close(biograd.feedback_weight(model[int(key)]), expected[key])
+        # the matrix at layer k's input trains the layer below it
+        torch.testing.assert_close(biograd.feedback_weight(model[int(key) - 2]), expected[key])
     x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
     F.cross_entropy(model(x), y).backward()
     e = output_error(plain, x, y, "ce")
@@ -345,7 +352,7 @@ def test_hashed_rows_differ_between_points_and_repeat_within_the_basis() -> None
     model = nn.Sequential(
         nn.Linear(3, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 4)
     )
-    biograd.convert(model, "dfa", layout="hashed", hashed_rows=16)
+    primed(biograd.convert(model, "dfa", layout="hashed", hashed_rows=16), torch.randn(2, 3))
     eng = engine_of(model)
     b2, b4 = eng.matrix("2"), eng.matrix("4")
     assert b2.shape == b4.shape == (300, 4)
@@ -358,8 +365,8 @@ def test_hashed_rows_differ_between_points_and_repeat_within_the_basis() -> None
 @pytest.mark.parametrize("norm", ["launay", "fan_in", "fan_out", "none"])
 def test_norm_sets_the_feedback_scale(norm: str) -> None:
     model = nn.Sequential(nn.Linear(3, 400), nn.ReLU(), nn.Linear(400, 10))
-    biograd.convert(model, "dfa", norm=norm)
-    std = float(biograd.feedback_weight(model[2]).std())
+    primed(biograd.convert(model, "dfa", norm=norm), torch.randn(2, 3))
+    std = float(biograd.feedback_weight(model[0]).std())
     assert std == pytest.approx(norm_factor(norm, 400, 10), rel=0.05)
 
 
@@ -375,20 +382,21 @@ def test_default_norm_is_launay() -> None:
 def test_state_dict_round_trip_keeps_the_feedback(layout: str) -> None:
     a, b = mlp(), mlp()
     b.load_state_dict(a.state_dict())
-    biograd.convert(a, "dfa", seed=1, layout=layout, norm="fan_out")
-    biograd.convert(b, "dfa", seed=2, layout=layout, norm="fan_out")
-    assert not torch.allclose(biograd.feedback_weight(a[2]), biograd.feedback_weight(b[2]))
+    fresh = biograd.convert(copy.deepcopy(b), "dfa", seed=2, layout=layout, norm="fan_out")
+    primed(biograd.convert(a, "dfa", seed=1, layout=layout, norm="fan_out"))
+    primed(biograd.convert(b, "dfa", seed=2, layout=layout, norm="fan_out"))
+    assert not torch.allclose(biograd.feedback_weight(a[0]), biograd.feedback_weight(b[0]))
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     buf.seek(0)
-    fresh = copy.deepcopy(b)
-    b.load_state_dict(torch.load(buf, weights_only=False))
+    b.load_state_dict(torch.load(buf, weights_only=True))
     buf.seek(0)
-    if layout == "hashed":  # sizes are learnt on the fly and travel with the checkpoint
-        engine_of(fresh).sizes.clear()
-    fresh.load_state_dict(torch.load(buf, weights_only=False))
+    # a model that never ran takes the feedback (and the points' sizes) from the checkpoint
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
     assert engine_of(fresh).sizes == engine_of(a).sizes
-    for i in (2, 4):
+    for key in ("2", "4"):
+        torch.testing.assert_close(engine_of(fresh).matrix(key), engine_of(a).matrix(key))
+    for i in (0, 2):
         torch.testing.assert_close(biograd.feedback_weight(b[i]), biograd.feedback_weight(a[i]))
     x, y = torch.randn(3, 6), torch.randint(0, 4, (3,))
     for m in (a, b):
@@ -398,7 +406,7 @@ def test_state_dict_round_trip_keeps_the_feedback(layout: str) -> None:
 
 def test_state_dict_of_another_layout_is_refused() -> None:
     a, b = mlp(), mlp()
-    biograd.convert(a, "dfa", layout="dense")
+    primed(biograd.convert(a, "dfa", layout="dense"))
     biograd.convert(b, "dfa", layout="hashed")
     with pytest.raises(FeedbackError, match="layout"):
         b.load_state_dict(a.state_dict(), strict=False)
@@ -407,13 +415,13 @@ def test_state_dict_of_another_layout_is_refused() -> None:
 @pytest.mark.parametrize("layout", ["dense", "hashed"])
 def test_float64_keeps_the_feedback(layout: str) -> None:
     model = mlp()
-    biograd.convert(model, "dfa", layout=layout)
-    before = {i: biograd.feedback_weight(model[i]) for i in (2, 4)}
+    primed(biograd.convert(model, "dfa", layout=layout))
+    before = {i: biograd.feedback_weight(model[i]) for i in (0, 2)}
     model.to(torch.float64)
     plain = copy.deepcopy(model)
     eng = engine_of(model)
-    assert all(b.dtype == torch.float64 for b in eng.buffers())
-    for i in (2, 4):
+    assert all(b.dtype == torch.float64 for b in eng.buffers() if b.is_floating_point())
+    for i in (0, 2):
         torch.testing.assert_close(biograd.feedback_weight(model[i]).float(), before[i])
     x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 4, (4,))
     F.cross_entropy(model(x), y).backward()
@@ -485,16 +493,17 @@ def test_point_of_the_wrong_size_fails_clearly() -> None:
         model(torch.randn(2, 2, 12, 12))
 
 
-def test_conv_without_example_input_needs_hashed() -> None:
-    with pytest.raises(ValueError, match="example_input"):
-        biograd.convert(cnn(), "dfa")
-    with pytest.raises(ValueError, match="example_input"):
-        biograd.convert(cnn(), "dfa", layout="shared")
-    model = biograd.convert(cnn(), "dfa", layout="hashed")
+@pytest.mark.parametrize("layout", ["dense", "shared", "hashed"])
+def test_conv_without_example_input_draws_its_feedback_at_the_first_pass(layout: str) -> None:
+    model = biograd.convert(cnn(), "dfa", layout=layout)
+    assert engine_of(model).sizes == {}
     x = torch.randn(2, 2, 8, 8)
     F.cross_entropy(model(x), torch.tensor([0, 2])).backward()
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
     assert engine_of(model).sizes == {"4": 64, "9": 5}
+    same = biograd.convert(cnn(), "dfa", layout=layout, example_input=x[:1])
+    for key in ("4", "9"):
+        assert torch.equal(engine_of(same).matrix(key), engine_of(model).matrix(key))
 
 
 def test_bad_options_fail_clearly() -> None:
@@ -505,20 +514,19 @@ def test_bad_options_fail_clearly() -> None:
     with pytest.raises(ValueError, match="feedback_points"):
         biograd.convert(mlp(), "dfa", feedback_points=["nothing"])
     with pytest.warns(UserWarning, match="rank"):
-        biograd.convert(mlp(), "dfa", layout="hashed", hashed_rows=2)
+        primed(biograd.convert(mlp(), "dfa", layout="hashed", hashed_rows=2))
 
 
 def test_feedback_weight_shapes() -> None:
     model = mlp()
     biograd.convert(model, "dfa")
-    # Without an example input every Linear is sized by in_features, the first one too (used
-    # when the model's input requires grad).
-    assert biograd.feedback_weight(model[0]).shape == (model[0].in_features, 4)
-    assert biograd.feedback_weight(model[2]).shape == (9, 4)  # (d_in, C)
-    assert biograd.feedback_weight(model[4]).shape == (8, 4)
-    # The example input shows that the first layer's input is data: no point there.
-    biograd.convert(model, "dfa", example_input=torch.randn(2, model[0].in_features))
-    assert biograd.feedback_weight(model[0]) is None
+    assert all(biograd.feedback_weight(m) is None for m in model if isinstance(m, nn.Linear))
+    primed(model)  # the feedback is drawn at the first forward pass
+    # the matrix that trains a layer: (its outputs per sample, C); none for the output layer
+    assert biograd.feedback_weight(model[0]).shape == (9, 4)
+    assert biograd.feedback_weight(model[2]).shape == (8, 4)
+    assert biograd.feedback_weight(model[4]) is None
+    assert engine_of(model).trains == {"2": "0", "4": "2"}
 
 
 # --------------------------------------------------------------------------- memory
@@ -695,6 +703,6 @@ def test_input_that_requires_grad_gets_the_first_layers_projection() -> None:
     out = model(x)
     e = torch.randn_like(out)
     out.backward(e)
-    b0 = biograd.feedback_weight(model[0])
-    assert b0 is not None and b0.shape == (8, 3)
+    b0 = engine_of(model).matrix("0")
+    assert b0.shape == (8, 3)
     torch.testing.assert_close(x.grad, e @ b0.t())

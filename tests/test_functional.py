@@ -64,7 +64,7 @@ def test_linear_trainable_feedback_gets_the_weight_gradient() -> None:
     x = torch.randn(5, 4)
     w = torch.randn(7, 4, requires_grad=True)
     fb = torch.randn(7, 4, requires_grad=True)
-    _check_shared_gradient(lambda: LinearFeedback.apply(x, w, None, fb), w, fb)
+    _check_shared_gradient(lambda: LinearFeedback.apply(x, w, None, BF.GIVEN, fb), w, fb)
 
 
 def _check_shared_gradient(run, w: torch.Tensor, fb: torch.Tensor) -> None:
@@ -88,12 +88,14 @@ def test_linear_gradcheck_float64() -> None:
     b = torch.randn(5, dtype=torch.float64, requires_grad=True)
     # B = W: the op is the true linear map, its whole Jacobian must match the numerical one.
     assert torch.autograd.gradcheck(
-        lambda x, w, b: LinearFeedback.apply(x, w, b, w.detach()), (x, w, b)
+        lambda x, w, b: LinearFeedback.apply(x, w, b, BF.GIVEN, w.detach()), (x, w, b)
     )
     # B != W: the weight and bias gradients stay exact (the input gradient is checked above).
     fb = torch.randn(5, 4, dtype=torch.float64)
     x_const = x.detach()
-    assert torch.autograd.gradcheck(lambda w, b: LinearFeedback.apply(x_const, w, b, fb), (w, b))
+    assert torch.autograd.gradcheck(
+        lambda w, b: LinearFeedback.apply(x_const, w, b, BF.GIVEN, fb), (w, b)
+    )
 
 
 # ------------------------------------------------------------------------------------ conv
@@ -200,18 +202,18 @@ def test_conv_gradcheck_float64(dim: int) -> None:
     args = ((2,) * dim, (1,) * dim, (1,) * dim, 2)
 
     def same(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return ConvFeedback.apply(x, w, b, w.detach(), *args)
+        return ConvFeedback.apply(x, w, b, BF.GIVEN, *args, w.detach())
 
     assert torch.autograd.gradcheck(same, (x, w, b))
     fb = torch.randn_like(w).detach()
     x_const = x.detach()
 
     def other(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return ConvFeedback.apply(x_const, w, b, fb, *args)
+        return ConvFeedback.apply(x_const, w, b, BF.GIVEN, *args, fb)
 
     assert torch.autograd.gradcheck(other, (w, b))
     # and the input gradient against the closed form: the transposed convolution with B
-    out = ConvFeedback.apply(x, w, b, fb, *args)
+    out = ConvFeedback.apply(x, w, b, BF.GIVEN, *args, fb)
     g = torch.randn_like(out)
     (gx,) = torch.autograd.grad(out, x, g)
     expected = getattr(torch.nn.grad, f"conv{dim}d_input")(x.shape, fb, g, *args)
@@ -223,7 +225,7 @@ def test_conv_trainable_feedback_gets_the_weight_gradient() -> None:
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
     fb = torch.randn(4, 3, 3, 3, requires_grad=True)
     _check_shared_gradient(
-        lambda: ConvFeedback.apply(x, w, None, fb, (1, 1), (1, 1), (1, 1), 1), w, fb
+        lambda: ConvFeedback.apply(x, w, None, BF.GIVEN, (1, 1), (1, 1), (1, 1), 1, fb), w, fb
     )
 
 

@@ -165,10 +165,10 @@ def test_weight_norm_constraint_on_model_scales_kp_feedback_with_w() -> None:
     opt.step()
     for i, (key, m) in enumerate(biograd.converted_layers(model)):
         w_sgd = before[f"{key}.weight"] - 0.5 * grads[f"{key}.weight"]
-        b_sgd = before[f"{key}.feedback"] - 0.5 * grads[f"{key}.feedback"]
+        b_sgd = before[f"{key}.rule.feedback"] - 0.5 * grads[f"{key}.rule.feedback"]
         factor = n0[i] / float(w_sgd.norm())
         torch.testing.assert_close(m.weight.detach(), w_sgd * factor)
-        torch.testing.assert_close(m.feedback.detach(), b_sgd * factor)
+        torch.testing.assert_close(m.rule.feedback.detach(), b_sgd * factor)
         torch.testing.assert_close(float(m.weight.detach().norm()), n0[i])
         # the bias is not constrained
         torch.testing.assert_close(
@@ -196,14 +196,14 @@ def test_kp_feedback_gets_the_same_manhattan_update_as_w(make: Make) -> None:
         else torch.optim.Adam(params, lr=0.01)
     )
     layers = [m for _, m in biograd.converted_layers(model)]
-    start = [(m.weight.detach().clone(), m.feedback.detach().clone()) for m in layers]
+    start = [(m.weight.detach().clone(), m.rule.feedback.detach().clone()) for m in layers]
     for step in range(3):
         opt.zero_grad()
         _backward(model, seed=step)
         opt.step()
     for (w0, b0), m in zip(start, layers):
         # equal up to the rounding of w0 + dW versus b0 + dB
-        torch.testing.assert_close(m.weight.detach() - w0, m.feedback.detach() - b0)
+        torch.testing.assert_close(m.weight.detach() - w0, m.rule.feedback.detach() - b0)
         assert not torch.equal(m.weight.detach(), w0)
     assert [id(p) for p in model.parameters()] == ids
     assert all(p is q for p, q in zip(opt.param_groups[0]["params"], params))

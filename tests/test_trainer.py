@@ -56,7 +56,7 @@ def test_run_directory_holds_config_metrics_alignment_and_checkpoints(tmp_path):
 
     state = torch.load(checkpoint_path(out, "kp", 1), weights_only=True)
     assert {"model", "optimizer", "scheduler", "rng", "epoch", "step"} <= set(state)
-    assert state["epoch"] == 2 and "fc1.feedback" in state["model"]
+    assert state["epoch"] == 2 and "fc1.rule.feedback" in state["model"]
 
 
 def test_a_finished_run_is_not_overwritten_and_resume_skips_it(tmp_path):

@@ -7,6 +7,7 @@
 from typing import TYPE_CHECKING, Any
 
 from . import direct as direct
+from . import nn as nn
 from . import optim as optim
 from . import rules as rules
 from .alignment import AlignmentMonitor, gradient_alignment, weight_alignment
@@ -17,8 +18,14 @@ from .convert import (
     converted_layers,
     exact,
     feedback_weight,
+    load_plain,
+    needs_targets,
+    plain_state_dict,
+    rules_of,
     set_loss_scale,
     set_targets,
+    unconvert,
+    update_feedback,
 )
 from .rules import get_rule, rule_names
 
@@ -61,7 +68,13 @@ __all__ = [
     "feedback_weight",
     "get_rule",
     "gradient_alignment",
+    "load_plain",
+    "needs_targets",
+    "plain_state_dict",
+    "rules_of",
     "set_loss_scale",
     "set_targets",
+    "unconvert",
+    "update_feedback",
     "weight_alignment",
 ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .convert import converted_layers, exact, feedback_weight, set_targets
+from .convert import converted_layers, exact, feedback_weight, needs_targets, set_targets
 from .direct import DirectFeedback
 from .nn.layers import FeedbackLayer
+from .rules.base import Rule
 
 log = logging.getLogger("biograd")
 
@@ -113,11 +114,12 @@ class _LinearPaths:
         self.out = None if output is None else self.index.get(id(output))
         self.cache: dict[int, Tensor | None] = {}
 
-    def __call__(self, layer: nn.Module) -> Tensor | None:
+    def above(self, layer: nn.Module) -> Tensor | None:
+        """``W_L ... W_{l+1}`` for the layer ``l`` (None for the output layer)."""
         i = self.index.get(id(layer))
-        if i is None or self.out is None or i > self.out:
+        if i is None or self.out is None or i >= self.out:
             return None
-        return self._path(i)
+        return self._path(i + 1)
 
     def _path(self, i: int) -> Tensor | None:
         if i not in self.cache:
@@ -139,52 +141,39 @@ def weight_alignment(model: nn.Module) -> dict[str, dict[str, float]]:
     ``vec(W)`` and ``vec(B)``, with ``B = biograd.feedback_weight(layer)``, and the norm ratio
     ``||B||_F / ||W||_F`` (Lillicrap et al. 2016; Moskovitz et al. 2018).
 
-    Direct rules (``dfa sdfa drtp shallow``): a layer's feedback point is its input, fed by the
-    matrix ``B_k`` of shape ``(d_k, C)``. Backprop would send the error there through the
-    Jacobian of the output with respect to that input; in a linear network this is the product
-    of the downstream forward weights ``P_k = W_L ... W_k`` (``C x d_k``). The entry is the angle
-    between ``vec(B_k)`` and ``vec(P_k^T)`` and the ratio ``||B_k|| / ||P_k||``: a linear-network
-    approximation (Launay, Poli, Krzakala 2019, Sec. 3). Where the path is not a plain product of
-    matrices (a convolution, a branch, or layers whose shapes do not chain in module order), both
-    values are NaN: use :func:`gradient_alignment`, which measures the real thing on data. Layers
-    without a feedback point (the first layer) are left out.
+    Direct rules (``dfa sdfa drtp shallow``): the row of a layer describes the matrix that
+    *trains it*, ``B_k = biograd.feedback_weight(layer)`` of shape ``(d_k, C)`` at the feedback
+    point ``k`` its output reaches (for an MLP the next layer's input). Backprop would send the
+    error there through the Jacobian of the output with respect to the point; in a linear
+    network this is the product of the forward weights above it, ``P_k = W_L ... W_{l+1}``
+    (``C x d_k``). The entry is the angle between ``vec(B_k)`` and ``vec(P_k^T)`` and the ratio
+    ``||B_k|| / ||P_k||``: a linear-network approximation (Launay, Poli, Krzakala 2019, Sec. 3).
+    Where the path is not a plain product of matrices (a convolution, a branch, or layers whose
+    shapes do not chain in module order), both values are NaN: use :func:`gradient_alignment`,
+    which measures the real thing on data. Layers without such a matrix (the output layer, and
+    every layer before the first forward pass) are left out.
 
     Returns:
         ``{layer_name: {"angle": degrees, "norm_ratio": ratio}}``.
     """
     out: dict[str, dict[str, float]] = {}
-    paths: dict[int, _LinearPaths] = {}
-    for name, layer in converted_layers(model):
-        if not layer._rule.direct:
-            b = feedback_weight(layer)
-            w = layer.weight
-            assert b is not None
-            pair = _Pairs([(w, b)])
-            out[name] = {"angle": pair.angle(), "norm_ratio": pair.norm_ratio()}
-            continue
+    layers = list(converted_layers(model))
+    output = next((m for _, m in layers if "direct_feedback" in m._modules), None)
+    paths = _LinearPaths(model, output)
+    for name, layer in layers:
         b = feedback_weight(layer)
         if b is None:
             continue
-        engine = layer._engine
-        if id(engine) not in paths:
-            output = next(
-                (m for m in engine_layers(model, engine) if m.direct_role == "output"), None
-            )
-            paths[id(engine)] = _LinearPaths(model, output)
-        path = paths[id(engine)](layer)
-        if path is None or path.t().shape != b.shape:
-            out[name] = {"angle": math.nan, "norm_ratio": math.nan}
-        else:
-            pair = _Pairs([(path.t(), b)])
-            out[name] = {"angle": pair.angle(), "norm_ratio": pair.norm_ratio()}
+        ref: Tensor | None = layer.weight
+        if layer.rule.direct:
+            ref = paths.above(layer)
+            ref = None if ref is None or ref.t().shape != b.shape else ref.t()
+        pair = _Pairs([(ref, b)]) if ref is not None else None
+        out[name] = {
+            "angle": pair.angle() if pair else math.nan,
+            "norm_ratio": pair.norm_ratio() if pair else math.nan,
+        }
     return out
-
-
-def engine_layers(model: nn.Module, engine: DirectFeedback | None) -> Iterator[FeedbackLayer]:
-    """The converted layers of ``model`` served by the direct-feedback ``engine``."""
-    for _, layer in converted_layers(model):
-        if engine is not None and layer._engine is engine:
-            yield layer
 
 
 # --------------------------------------------------------------------------- gradient alignment
@@ -195,22 +184,21 @@ class _Snapshot:
     grads: list[tuple[Tensor, Tensor | None]]
     buffers: list[tuple[Tensor, Tensor]]
     versions: list[tuple[str, Tensor, int]]
-    steps: list[tuple[FeedbackLayer, int]]
-    last_feedback: list[tuple[FeedbackLayer, Tensor | None]]
-    engines: list[tuple[DirectFeedback, list[Any], Tensor | None, dict[str, int]]]
+    engines: list[tuple[DirectFeedback, list[Any], Tensor | None, dict[str, str]]]
     cpu_rng: Tensor
     cuda_rng: list[Tensor] | None = field(default=None)
 
     @classmethod
     def take(cls, model: nn.Module) -> _Snapshot:
-        # Rule state (B, scales, direct feedback) is never written by a forward or backward pass:
-        # it is checked by version counter instead of copied. Everything else (batch norm running
-        # statistics, user buffers) is copied.
+        # Floating rule state (B, scales, direct feedback) is never written by a forward or
+        # backward pass: it is checked by version counter instead of copied. Everything else
+        # (counters such as brsf's step, batch norm running statistics, user buffers) is copied.
         fixed = {
             id(b)
             for m in model.modules()
-            if isinstance(m, (FeedbackLayer, DirectFeedback))
+            if isinstance(m, (Rule, DirectFeedback))
             for b in m.buffers(recurse=False)
+            if b.is_floating_point()
         }
         buffers, versions = [], []
         for name, b in model.named_buffers():
@@ -218,15 +206,12 @@ class _Snapshot:
                 versions.append((name, b, b._version))
             else:
                 buffers.append((b, b.detach().clone()))
-        layers = [m for _, m in converted_layers(model)]
         engines = [m for m in model.modules() if isinstance(m, DirectFeedback)]
         return cls(
             grads=[(p, p.grad) for p in model.parameters()],
             buffers=buffers,
             versions=versions,
-            steps=[(m, m.feedback_step) for m in layers],
-            last_feedback=[(m, m.__dict__.get("_last_feedback")) for m in layers],
-            engines=[(e, list(e.points), e.targets, dict(e.sizes)) for e in engines],
+            engines=[(e, list(e.points), e.targets, dict(e.trains)) for e in engines],
             cpu_rng=torch.get_rng_state(),
             cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         )
@@ -236,9 +221,6 @@ class _Snapshot:
         torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
-        for layer, step in self.steps:
-            if layer.feedback_step != step:
-                layer.__dict__["feedback_step"] = step
         with torch.no_grad():
             for b, saved in self.buffers:
                 if not torch.equal(b, saved):
@@ -249,13 +231,8 @@ class _Snapshot:
         self.rewind()
         for p, g in self.grads:
             p.grad = g
-        for layer, fb in self.last_feedback:
-            if fb is None:
-                layer.__dict__.pop("_last_feedback", None)
-            else:
-                layer._last_feedback = fb
-        for engine, points, targets, sizes in self.engines:
-            engine.points, engine.targets, engine.sizes = points, targets, sizes
+        for engine, points, targets, trains in self.engines:
+            engine.points, engine.targets, engine.trains = points, targets, trains
         for name, b, version in self.versions:
             if b._version != version:
                 raise RuntimeError(f"biograd: feedback buffer {name!r} was modified in place")
@@ -324,18 +301,13 @@ class _Setup:
             raise ValueError(
                 "gradient_alignment: the model has no converted layer; use biograd.convert"
             )
-        feedback = {id(m._parameters.get("feedback")) for m in layers.values()}
+        feedback = {id(p) for m in model.modules() if isinstance(m, Rule) for p in m.parameters()}
         params: list[Tensor] = [
             p for p in model.parameters() if p.requires_grad and id(p) not in feedback
         ]
         index = {id(p): i for i, p in enumerate(params)}
         weights = {n: index[id(m.weight)] for n, m in layers.items() if id(m.weight) in index}
-        needs_targets = any(
-            getattr(e.rule, "needs_targets", False)
-            for e in model.modules()
-            if isinstance(e, DirectFeedback)
-        )
-        return cls(model, layers, params, weights, needs_targets)
+        return cls(model, layers, params, weights, needs_targets(model))
 
 
 def _exact_pass(setup: _Setup, loss_fn: LossFn, inputs: Any, targets: Any) -> _Pass:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .alignment import NETWORK, gradient_alignment
-from .convert import convert, set_targets
+from .convert import convert, needs_targets, set_targets
 from .direct import DirectFeedback
 from .nn.layers import FeedbackLayer
 
@@ -158,10 +158,7 @@ class TensorData:
 
 
 def _needs_targets(model: nn.Module) -> bool:
-    return any(
-        isinstance(m, DirectFeedback) and getattr(m.rule, "needs_targets", False)
-        for m in model.modules()
-    )
+    return needs_targets(model)
 
 
 @torch.no_grad()

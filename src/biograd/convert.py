@@ -1,10 +1,11 @@
-"""``biograd.convert``: one line to put any PyTorch model on a learning rule, and its companions
-``exact``, ``feedback_weight``, ``set_targets`` and ``conversion_report``."""
+"""``biograd.convert``: one line to put any PyTorch model on a learning rule, ``unconvert`` to take
+it off again, and their companions ``exact``, ``feedback_weight``, ``set_targets``,
+``load_plain`` and ``conversion_report``."""
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
+import functools
 import logging
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -14,24 +15,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .direct import DirectFeedback, attach
-from .nn.layers import CONVERTIBLE, FeedbackLayer, feedback_class, original_class
-from .rules.base import SCALES, get_rule, layer_seed
+from .direct import DirectFeedback
+from .direct.plan import attach, detach_hooks, match, points_of
+from .nn.layers import (
+    CONVERTIBLE,
+    FeedbackLayer,
+    convertible,
+    feedback_class,
+    original_class,
+    set_rule,
+)
+from .rules.base import SCALES, Rule, get_rule, layer_seed
 
 log = logging.getLogger("biograd")
 
-_STOCK_FORWARD = {cls.forward for cls in CONVERTIBLE}
 _EXACT_KINDS: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.MultiheadAttention,
-    nn.Embedding,
-)
+    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd, nn.MultiheadAttention, nn.Embedding,
+)  # fmt: skip
 
 
 @dataclass
@@ -58,47 +60,46 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def match(name: str, patterns: Sequence[str] | Mapping[str, Any] | None) -> Any:
-    if not patterns:
-        return None
-    items = patterns.items() if isinstance(patterns, Mapping) else ((p, p) for p in patterns)
-    for pattern, value in items:
-        if name == pattern or fnmatch.fnmatchcase(name, pattern):
-            return value
-    return None
-
-
-def _state(model: nn.Module) -> dict[str, Any]:
-    st: dict[str, Any] = model.__dict__.setdefault("_biograd", {"hooks": []})
-    return st
-
-
-def _unconvert(model: nn.Module) -> None:
-    for handle in _state(model)["hooks"]:
-        handle.remove()
-    model.__dict__["_biograd"] = {
-        "hooks": []
-    }  # hooks, feedback points, excluded: all per conversion
-    for module in model.modules():
-        if isinstance(module, FeedbackLayer):
-            module._rule.teardown(module)
-            module._modules.pop("direct_feedback", None)
-            for attr in ("_rule", "_engine", "_last_feedback", "_feedback_generators"):
-                module.__dict__.pop(attr, None)
-            module.__class__ = original_class(module)  # type: ignore[assignment]
-
-
-def _convertible(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> str | None:
-    """None if ``module`` can be converted, else why not."""
-    if not isinstance(module, CONVERTIBLE):
-        return "not a Linear or Conv layer"
-    cls = original_class(module) if isinstance(module, FeedbackLayer) else type(module)
-    if cls.forward not in _STOCK_FORWARD:
-        return f"{cls.__name__} overrides forward"
-    parent = parents.get(name.rpartition(".")[0])
-    if isinstance(parent, nn.MultiheadAttention):
-        return "used inside MultiheadAttention's fused kernel (exact)"
-    return None
+def _plan(
+    model: nn.Module, rule: str, overrides: Mapping[str, str] | None, exclude: Sequence[str] | None,
+    scale: str, output: str | None,
+) -> dict[str, str]:  # fmt: skip
+    """Layer name -> rule name for every layer to convert; raises before anything changes."""
+    main = get_rule(rule)
+    for name in (overrides or {}).values():
+        get_rule(name)
+    if scale not in SCALES:
+        raise ValueError(f"unknown feedback scale {scale!r}; choose one of {', '.join(SCALES)}")
+    parents = dict(model.named_modules())
+    ok = [n for n, m in parents.items() if convertible(n, m, parents) is None]
+    plan = {n: match(n, overrides) or main.name for n in ok if not match(n, exclude)}
+    lazy = [n for n in plan if isinstance(parents[n].weight, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(
+            f"layer(s) {', '.join(lazy)} have uninitialised (lazy) parameters: run the model on "
+            "one batch before biograd.convert"
+        )
+    if not plan:
+        raise ValueError(
+            f"nothing to convert in {type(model).__name__}: biograd converts nn.Linear and "
+            "nn.Conv1d/2d/3d layers (after exclude)"
+        )
+    for what, patterns in (("overrides", list(overrides or ())), ("exclude", list(exclude or ()))):
+        for pattern in patterns:
+            if not any(match(n, [pattern]) for n in ok):
+                warnings.warn(
+                    f"biograd.convert: {what} pattern {pattern!r} matches no convertible layer "
+                    f"(layers: {', '.join(ok)})",
+                    stacklevel=3,
+                )
+    direct = {r for r in plan.values() if get_rule(r).direct}
+    if len(direct) > 1:
+        raise ValueError(f"one model can use one direct rule at a time, got {sorted(direct)}")
+    if direct and output is not None and output not in plan:
+        raise ValueError(
+            f"output layer {output!r} is not a converted layer; converted: {', '.join(plan)}"
+        )
+    return plan
 
 
 def convert(
@@ -121,104 +122,95 @@ def convert(
     """Put every ``nn.Linear`` and ``nn.Conv{1,2,3}d`` of ``model`` on ``rule``, in place.
 
     Args:
-        model: any module; layers are found wherever they sit.
+        model: any module (also on the meta device); layers are found wherever they sit.
         rule: a name from ``biograd.RULES``.
         seed: seed of all random feedback (each layer derives its own from its name).
         overrides: per-layer rules by module name or glob, e.g. ``{"fc": "bp", "layer4.*": "fa"}``.
         exclude: names or globs of layers to leave untouched (plain torch layers, exact gradients).
         scale: scale scheme of B for the feedback-alignment family (``biograd.rules.SCALES``).
         output: direct rules: name of the output layer, which gets the true error
-            (default: the last converted layer that runs).
+            (default: the last converted layer to run on ``example_input``, else the last
+            converted layer in module order).
         layout, norm, hashed_rows: direct rules: feedback layout and scale
             (``biograd.direct.LAYOUTS`` and ``NORMS``).
         batch_dims: direct rules: leading dimensions that index samples at the feedback points.
         feedback_points: direct rules: names or globs of modules whose *outputs* receive the
             projected error (block-wise DFA) instead of the inputs of the converted layers.
-        example_input: a batch (or tuple of positional inputs) run once without a backward pass to
-            size the feedback of direct rules on convolutions and to find the layers' order.
+        example_input: direct rules, optional: a batch (or tuple of positional inputs) run once
+            without a backward pass, to find the layers' order and to draw the feedback now
+            rather than at the first forward pass (needed before ``DistributedDataParallel``).
         verbose: print the conversion report (it is always logged at INFO level on ``biograd``).
 
     Returns:
-        ``model``, converted. Converting again replaces the previous rule; ``biograd.RULES``
-        lists the rules; ``conversion_report(model)`` describes what was converted.
+        ``model``, converted. Converting again replaces the previous rule; ``unconvert`` takes it
+        off; ``conversion_report(model)`` describes what was converted.
 
     Raises:
         ValueError: an unknown rule, scale, layout or norm; a model with nothing to convert;
             direct rules mixed in one model; an unknown output layer.
     """
-    main = get_rule(rule)
-    for name in (overrides or {}).values():
-        get_rule(name)
-    if scale not in SCALES:
-        raise ValueError(f"unknown feedback scale {scale!r}; choose one of {', '.join(SCALES)}")
-
-    parents = dict(model.named_modules())
-    plan: dict[str, str] = {}
-    excluded: list[str] = []
-    for name, module in model.named_modules():
-        if _convertible(name, module, parents) is None:
-            if match(name, exclude):
-                excluded.append(name)
-            else:
-                plan[name] = match(name, overrides) or main.name
-    lazy = [n for n in plan if isinstance(parents[n].weight, nn.parameter.UninitializedParameter)]
-    if lazy:
-        raise ValueError(
-            f"layer(s) {', '.join(lazy)} have uninitialised (lazy) parameters: run the model on "
-            "one batch before biograd.convert"
-        )
-    if not plan:
-        raise ValueError(
-            f"nothing to convert in {type(model).__name__}: biograd converts nn.Linear and "
-            "nn.Conv1d/2d/3d layers (after exclude)"
-        )
-    for what, patterns in (("overrides", list(overrides or ())), ("exclude", list(exclude or ()))):
-        for pattern in patterns:
-            if not any(match(n, [pattern]) for n in [*plan, *excluded]):
-                warnings.warn(
-                    f"biograd.convert: {what} pattern {pattern!r} matches no convertible layer "
-                    f"(layers: {', '.join([*plan, *excluded])})",
-                    stacklevel=2,
-                )
-    direct = {r for r in plan.values() if get_rule(r).direct}
-    if len(direct) > 1:
-        raise ValueError(f"one model can use one direct rule at a time, got {sorted(direct)}")
-    if direct and output is not None and output not in plan:
-        raise ValueError(
-            f"output layer {output!r} is not a converted layer; converted: {', '.join(plan)}"
-        )
-
-    _unconvert(model)
-    _state(model)["excluded"] = excluded
+    plan = _plan(model, rule, overrides, exclude, scale, output)
+    modules = dict(model.named_modules())
+    unconvert(model)
     for name, rule_name in plan.items():
-        layer = parents[name]
-        r = get_rule(rule_name)
+        layer = modules[name]
         layer.__class__ = feedback_class(type(layer))
-        layer.__dict__.update(
-            feedback_rule=r.name,
-            feedback_seed=layer_seed(seed, name),
-            feedback_scale_scheme=scale,
-            feedback_step=0,
-            feedback_exact=False,
-            feedback_key=name,
-            direct_role="",
-            _rule=r,
-            _engine=None,
-        )
-        r.setup(layer, layer.feedback_seed, scale)
-
+        set_rule(layer, rule_name, layer_seed(seed, name), scale)
+    direct = [r for r in plan.values() if get_rule(r).direct]
     if direct:
+        layers = {n: modules[n] for n, r in plan.items() if get_rule(r).direct}
         attach(
-            model, plan, direct.pop(), hooks=_state(model), seed=seed, output=output, layout=layout, norm=norm,
+            model, layers, direct[0], seed=seed, output=output, layout=layout, norm=norm,
             batch_dims=batch_dims, feedback_points=feedback_points, example_input=example_input,
             hashed_rows=hashed_rows,
         )  # fmt: skip
-
     report = conversion_report(model)
     log.info("%s", report)
     if verbose:
         print(report)
     return model
+
+
+def unconvert(model: nn.Module) -> nn.Module:
+    """Take ``model`` off its rules, in place: every converted layer becomes an instance of its
+    original class again with the same Parameter objects, the rules' state and the direct
+    feedback are removed, and ``model.state_dict()`` loads strictly into the plain architecture.
+    Returns ``model``."""
+    detach_hooks(model)
+    for module in model.modules():
+        if isinstance(module, FeedbackLayer):
+            module._modules.pop("rule", None)
+            module._modules.pop("direct_feedback", None)
+            module.__dict__.pop("feedback_exact", None)
+            module.__class__ = original_class(module)  # type: ignore[assignment]
+    return model
+
+
+def rule_keys(model: nn.Module) -> set[str]:
+    """The ``state_dict`` keys of ``model`` that hold rule state (not in the plain model)."""
+    prefixes = [
+        f"{n}." if n else ""
+        for n, m in model.named_modules()
+        if isinstance(m, (Rule, DirectFeedback))
+    ]
+    return {k for k in model.state_dict() if any(k.startswith(p) for p in prefixes)}
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` without the rules' state: what the unconverted model would save."""
+    drop = rule_keys(model)
+    return {k: v for k, v in model.state_dict().items() if k not in drop}
+
+
+def load_plain(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Load the ``state_dict`` of the plain (unconverted) architecture into a converted model,
+    strictly: every plain key must be there and no other (``RuntimeError`` as
+    ``load_state_dict`` raises otherwise). The weights come in; the rules' state stays."""
+    merged = {k: v for k, v in model.state_dict().items() if k in rule_keys(model)}
+    extra = sorted(set(state_dict) & set(merged))
+    if extra:
+        raise RuntimeError(f"load_plain: {extra[:3]} are rule state, not plain weights")
+    model.load_state_dict({**merged, **state_dict}, strict=True)
 
 
 def converted_layers(model: nn.Module) -> Iterator[tuple[str, FeedbackLayer]]:
@@ -228,26 +220,41 @@ def converted_layers(model: nn.Module) -> Iterator[tuple[str, FeedbackLayer]]:
             yield name, module
 
 
+def rules_of(model: nn.Module) -> list[Rule]:
+    """The rule of every converted layer of ``model`` (ask their capabilities, not names)."""
+    return [layer.rule for _, layer in converted_layers(model)]
+
+
+def needs_targets(model: nn.Module) -> bool:
+    """True if some rule of ``model`` needs ``biograd.set_targets`` before each forward pass."""
+    return any(r.needs_targets for r in rules_of(model))
+
+
+def update_feedback(model: nn.Module) -> None:
+    """Run the post-step update of every rule that has one (``updates_after_step``): call it
+    after each ``optimizer.step()``."""
+    for _, layer in converted_layers(model):
+        if layer.rule.updates_after_step:
+            layer.rule.update(layer)
+
+
 def conversion_report(model: nn.Module) -> ConversionReport:
     """Describe the conversion of ``model``: converted layers with their rules, and the layers
     whose gradients stay exact (batch norm, pooling, attention internals, unknown types)."""
-    report = ConversionReport()
+    report = ConversionReport(feedback_points=points_of(model))
     parents = dict(model.named_modules())
     for name, module in model.named_modules():
         if isinstance(module, FeedbackLayer):
             report.converted[name or "<root>"] = module.feedback_rule
-            if module.direct_role == "output":
+            if "direct_feedback" in module._modules:
                 report.output = name
-            continue
-        if isinstance(module, DirectFeedback):
-            continue
-        own_params = any(True for _ in module.parameters(recurse=False))
-        if isinstance(module, _EXACT_KINDS) or own_params:
-            why = _convertible(name, module, parents) if isinstance(module, CONVERTIBLE) else None
-            if name in _state(model).get("excluded", ()):
-                why = f"{type(module).__name__} (excluded)"
-            report.exact[name or "<root>"] = why or f"{type(module).__name__} (autograd)"
-    report.feedback_points = list(_state(model).get("points", []))
+        elif isinstance(module, CONVERTIBLE):
+            why = convertible(name, module, parents)
+            report.exact[name or "<root>"] = why or f"{type(module).__name__} (excluded)"
+        elif isinstance(module, _EXACT_KINDS) or any(
+            True for _ in module.parameters(recurse=False)
+        ):
+            report.exact[name or "<root>"] = f"{type(module).__name__} (autograd)"
     return report
 
 
@@ -255,59 +262,71 @@ def conversion_report(model: nn.Module) -> ConversionReport:
 def exact(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every converted layer (and the direct-feedback engine) computes exact
     backprop; the previous modes come back on exit, also after an exception."""
-    layers = [m for _, m in converted_layers(model)]
-    engines = [m for m in model.modules() if isinstance(m, DirectFeedback)]
-    before = [m.feedback_exact for m in layers], [e.exact for e in engines]
+    mods = [m for m in model.modules() if isinstance(m, (FeedbackLayer, DirectFeedback))]
+    before = [m.feedback_exact if isinstance(m, FeedbackLayer) else m.exact for m in mods]
     try:
-        for m in layers:
-            m.feedback_exact = True
-        for e in engines:
-            e.exact = True
+        for m in mods:
+            _set_exact(m, True)
         yield model
     finally:
-        for m, v in zip(layers, before[0]):
-            m.feedback_exact = v
-        for e, v in zip(engines, before[1]):
-            e.exact = v
+        for m, v in zip(mods, before):
+            _set_exact(m, v)
+
+
+def _set_exact(m: nn.Module, value: bool) -> None:
+    if isinstance(m, FeedbackLayer):
+        m.feedback_exact = value
+    else:
+        m.exact = value  # type: ignore[assignment]
+
+
+def engine_of(model: nn.Module) -> DirectFeedback | None:
+    """The direct-feedback engine of ``model`` (None if it has none)."""
+    return next((m for m in model.modules() if isinstance(m, DirectFeedback)), None)
 
 
 def feedback_weight(layer: nn.Module) -> Tensor | None:
-    """The feedback matrix of a converted layer.
+    """The feedback matrix of a converted layer (detached).
 
-    Feedback-alignment family: the B the layer used in its last forward/backward pass, shaped
-    like ``layer.weight`` (before any pass: the B it would use now; fa and kp: their own B);
-    ``bp`` returns ``weight``.
-    Direct rules: the matrix that projects the output error onto this layer's *input*, shape
-    ``(d, C)`` with ``d`` the input features per sample and ``C`` the outputs; it trains the layers
-    below this one. ``None`` for a layer with no feedback point (the first layer).
+    Feedback-alignment family: B shaped like ``layer.weight``, from the rule's state and the
+    current weight: fa and kp their own B, usf and frsf the B of the next backward pass, brsf
+    the draw of its last training pass; ``bp`` returns ``weight``.
+
+    Direct rules: the matrix ``B_k`` of shape ``(d_k, C)`` that *trains this layer*: the one of
+    the feedback point that this layer's output reaches first (the converted layer that ran last
+    before the point; for an MLP the input of the next layer, so ``d_k`` is this layer's outputs
+    per sample), ``C`` the model's outputs per sample. ``None`` for the output layer (it gets
+    the true error) and before the first forward pass has drawn the feedback.
     """
     if not isinstance(layer, FeedbackLayer):
         raise TypeError(
             f"{type(layer).__name__} is not a converted layer; use biograd.convert first"
         )
-    rule = layer._rule
-    if rule.direct:
-        engine = layer._engine
-        if engine is None or layer.direct_role not in ("hidden", "output"):
-            return None
-        if layer.feedback_key not in engine.sizes:
-            return None
-        return engine.matrix(layer.feedback_key).detach()
-    last = layer.__dict__.get("_last_feedback")
-    if last is not None:
-        return last
-    with torch.no_grad():
-        fb = rule.feedback(layer)
-    return layer.weight.detach() if fb is None else fb.detach()
+    rule = layer.rule
+    if not rule.direct:
+        with torch.no_grad():
+            b = rule.matrix(layer.weight.detach(), *rule.last_state())
+        return layer.weight.detach() if b is None else b.detach()
+    engine, name = served_by(layer)
+    key = next((p for p, t in engine.trains.items() if t == name), None)
+    return None if key is None or key not in engine.sizes else engine.matrix(key).detach()
+
+
+def served_by(layer: nn.Module) -> tuple[DirectFeedback, str]:
+    """The direct-feedback engine that serves ``layer``, and the layer's name in its model."""
+    for hook in layer._forward_hooks.values():
+        owner = getattr(getattr(hook, "func", hook), "__self__", None)
+        if isinstance(owner, DirectFeedback) and isinstance(hook, functools.partial):
+            return owner, hook.args[0]
+    raise TypeError("the layer has no direct-feedback engine (convert the model)")
 
 
 def set_targets(model: nn.Module, targets: Tensor) -> None:
     """Hand the targets of the next forward pass to a model on a rule that needs them (``drtp``)."""
-    engines = [m for m in model.modules() if isinstance(m, DirectFeedback)]
-    if not engines:
+    engine = engine_of(model)
+    if engine is None:
         raise ValueError("set_targets: the model has no direct-feedback rule")
-    for e in engines:
-        e.targets = targets
+    engine.targets = targets
 
 
 def set_loss_scale(model: nn.Module, scale: float) -> None:
@@ -315,6 +334,6 @@ def set_loss_scale(model: nn.Module, scale: float) -> None:
     (``scaler.get_scale()`` of an fp16 ``torch.amp.GradScaler``). Their signals, ``sign(e)`` and
     the targets, do not carry the loss scale that ``e`` carries, so without this the scaler's
     unscale step would shrink their hidden-layer gradients by the scale. No-op for other rules."""
-    for m in model.modules():
-        if isinstance(m, DirectFeedback):
-            m.loss_scale = float(scale)
+    engine = engine_of(model)
+    if engine is not None:
+        engine.loss_scale = float(scale)

@@ -108,13 +108,22 @@ def wrap(model: nn.Module, device: torch.device | None = None) -> nn.Module:
     """``DistributedDataParallel(model)`` when a process group exists, else ``model``.
 
     ``find_unused_parameters`` is set when some converted layers cannot receive a gradient
-    (the ``shallow`` rule).
+    (a rule whose ``trains_hidden`` is false, such as ``shallow``). Direct feedback must be
+    drawn first (``example_input`` in ``biograd.convert``, or one forward pass), as
+    ``DistributedDataParallel`` refuses lazy modules before their first forward pass.
     """
     if world_size() == 1:
         return model
-    from .convert import converted_layers
+    from .convert import engine_of, rules_of
+    from .direct import FeedbackError
 
-    unused = any(layer.feedback_rule == "shallow" for _, layer in converted_layers(model))
+    engine = engine_of(model)
+    if engine is not None and not engine.sizes:
+        raise FeedbackError(
+            "direct feedback is drawn at the first forward pass: run one batch (or pass "
+            "example_input to biograd.convert) before wrapping the model in DDP"
+        )
+    unused = any(not r.trains_hidden for r in rules_of(model))
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, feedback_buffer_names(model)
     )
@@ -123,11 +132,16 @@ def wrap(model: nn.Module, device: torch.device | None = None) -> nn.Module:
 
 
 def feedback_buffer_names(model: nn.Module) -> list[str]:
-    """Qualified names of the feedback buffers of a converted model (never kp's Parameter)."""
+    """Qualified names of the rules' buffers and the direct feedback of a converted model
+    (never kp's Parameter): drawn from the seed, identical on every rank without a broadcast."""
+    from .direct import DirectFeedback
+    from .rules import Rule
+
     return [
-        name
-        for name, _ in model.named_buffers()
-        if "feedback" in name.rpartition(".")[2] or ".direct_feedback." in f".{name}"
+        f"{mod}.{name}" if mod else name
+        for mod, m in model.named_modules()
+        if isinstance(m, (Rule, DirectFeedback))
+        for name, _ in m.named_buffers(recurse=False)
     ]
 
 

@@ -195,8 +195,8 @@ class WeightNormConstraint(OptimizerWrapper):
         target: a model, whose converted layers' ``weight`` are constrained (``ValueError`` if it
             has none); or an iterable of tensors, each kept at its own initial norm.
 
-    Kolen-Pollack: when ``target`` is a model, a layer's trainable ``feedback`` (kp's B) is
-    multiplied by the *same* factor as its ``W``, so that B receives the same update as W and
+    Kolen-Pollack: when ``target`` is a model, a rule's tensors named in ``tied_to_weight`` (kp's B) are
+    multiplied by the *same* factor as their ``W``, so that B receives the same update as W and
     ``W - B`` keeps decaying. Biases and BatchNorm parameters are never touched. A weight whose
     norm is 0 is left as it is. The initial norms are saved in ``state_dict``.
 
@@ -209,8 +209,8 @@ class WeightNormConstraint(OptimizerWrapper):
             from .convert import converted_layers
 
             for _, layer in converted_layers(target):
-                fb = layer._parameters.get("feedback")
-                tied: list[Tensor] = [fb] if fb is not None and fb.requires_grad else []
+                rule = layer.rule
+                tied = [t for n in rule.tied_to_weight if (t := getattr(rule, n)).requires_grad]
                 pairs.append((layer.weight, tied))
             if not pairs:
                 raise ValueError(

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .. import distributed
-from ..convert import convert, set_targets
+from ..convert import convert, needs_targets, set_targets
 from ..errors import BiogradError, ConfigError, DivergedError
 from ..rules import get_rule
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -343,7 +343,7 @@ def train_one(
     opt = make_optimizer(cfg, model)
     sched = make_scheduler(cfg, opt)
     train_loader, test_loader = loaders(cfg, train, test, seed)
-    targets = rule == "drtp"
+    targets = needs_targets(model)
 
     ckpt = checkpoint_path(run_dir, rule, seed)
     metrics_csv, alignment_csv = run_dir / "metrics.csv", run_dir / "alignment.csv"

@@ -5,15 +5,16 @@ the matrix that carries the error down: ``dL/dx = B^T delta`` instead of ``W^T d
 (Lillicrap et al. 2016, Eq. 1; DESIGN.md, Notation). The weight and bias gradients
 ``dL/dW = delta x^T`` and ``dL/db = sum(delta)`` are the exact local gradients.
 
-``B`` has the shape of ``W``. When ``B`` is itself a trainable tensor (Kolen-Pollack, Akrout et
-al. 2019, Eq. 4), it receives the same gradient as ``W``: one tensor for both, as autograd's own
-``a + b`` does; gradient accumulation never aliases it (``W.grad`` and ``B.grad`` are distinct).
+The forward pass builds nothing: it hands the rule and the tensors of ``rule.pass_state`` to the
+backward, which asks ``rule.matrix(W, *state)`` for B. The state tensors are inputs of the
+Function, so a learned feedback (Kolen-Pollack's B, a Parameter) receives the gradient that
+``rule.state_grads`` gives it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -23,43 +24,80 @@ from torch.nn import functional as F
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+class Feedback(Protocol):
+    """What an op asks of a rule in the backward pass (``biograd.rules.Rule`` is one)."""
+
+    def matrix(self, weight: Tensor, *state: Tensor) -> Tensor | None: ...
+
+    def state_grads(self, grad_weight: Tensor | None, *state: Tensor) -> tuple[Any, ...]: ...
+
+
+class Given:
+    """A given feedback tensor as the op's rule: ``linear(x, W, b, B)`` runs with ``B`` (the
+    one state tensor); a B that requires grad gets W's gradient, as Kolen-Pollack's does."""
+
+    def matrix(self, weight: Tensor, *state: Tensor) -> Tensor | None:
+        return state[0]
+
+    def state_grads(self, grad_weight: Tensor | None, *state: Tensor) -> tuple[Any, ...]:
+        return (grad_weight,)
+
+
+GIVEN = Given()
+
+
+def _rule(
+    feedback: Feedback | Tensor, state: Sequence[Tensor]
+) -> tuple[Feedback, tuple[Tensor, ...]]:
+    return (GIVEN, (feedback,)) if isinstance(feedback, Tensor) else (feedback, tuple(state))
+
+
+def _saved(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
+    """The input, the weight, B (all in ``grad_out``'s dtype: under autocast the forward ran in
+    lower precision; autograd casts each gradient back to its input's dtype) and the state."""
+    x, weight, *state = ctx.saved_tensors
+    b = ctx.rule.matrix(weight, *state)
+    dt = grad_out.dtype
+    return x.to(dt), weight.to(dt), (weight if b is None else b).to(dt), tuple(state)
+
+
+def _state_grads(ctx: Any, grad_w: Tensor | None, state: tuple[Tensor, ...]) -> list[Any]:
+    grads = ctx.rule.state_grads(grad_w, *state)
+    return [g if need else None for g, need in zip(grads, ctx.needs_input_grad[ctx.n_args :])]
+
+
 class LinearFeedback(torch.autograd.Function):
-    """``y = x W^T + b`` for ``x`` of any rank; backward uses ``B`` for the input gradient."""
+    """``y = x W^T + b`` for ``x`` of any rank; backward uses the rule's B for the input gradient."""
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor) -> Tensor:
+    def forward(
+        x: Tensor, weight: Tensor, bias: Tensor | None, rule: Feedback, *state: Tensor
+    ) -> Tensor:
         return F.linear(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, _weight, bias, feedback = inputs
-        ctx.save_for_backward(x, feedback)
-        ctx.has_bias = bias is not None
+        x, weight, bias, rule, *state = inputs
+        ctx.save_for_backward(x, weight, *state)
+        ctx.rule, ctx.n_args, ctx.has_bias = rule, 4, bias is not None
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, feedback = ctx.saved_tensors
-        need_x, need_w, need_b, need_fb = ctx.needs_input_grad
-        # Under autocast the forward ran in lower precision: compute in grad_out's dtype (no-ops
-        # otherwise); autograd casts each gradient back to its input's dtype.
-        x, feedback = x.to(grad_out.dtype), feedback.to(grad_out.dtype)
-        grad_x = grad_w = grad_b = grad_fb = None
-        if need_x:
-            grad_x = grad_out.matmul(feedback)
-        if need_w or need_fb:
-            g2 = grad_out.reshape(-1, grad_out.shape[-1])
-            grad_w = g2.t().matmul(x.reshape(-1, x.shape[-1]))
-            if need_fb:
-                grad_fb = grad_w
-        if need_b and ctx.has_bias:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_w if need_w else None, grad_b, grad_fb
+        x, _, b, state = _saved(ctx, grad_out)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_w = need_w or any(ctx.needs_input_grad[4:])
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_out.matmul(b) if need_x else None
+        grad_w = g2.t().matmul(x.reshape(-1, x.shape[-1])) if need_w else None
+        grad_b = g2.sum(0) if need_b and ctx.has_bias else None
+        extra = _state_grads(ctx, grad_w, state)
+        return grad_x, grad_w if ctx.needs_input_grad[1] else None, grad_b, None, *extra
 
 
 class ConvFeedback(torch.autograd.Function):
     """N-d convolution (1d, 2d, 3d, any stride, padding, dilation and groups) whose backward uses
-    ``B`` for the input gradient, with PyTorch's fused ``convolution_backward``.
+    the rule's B for the input gradient, with PyTorch's fused ``convolution_backward``.
 
     The weight gradient of a convolution does not depend on the weight's values, so one fused call
     with ``B`` in the weight's place returns B's input gradient and the exact weight and bias
@@ -68,51 +106,52 @@ class ConvFeedback(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        feedback: Tensor,
-        stride: Sequence[int],
-        padding: Sequence[int],
-        dilation: Sequence[int],
-        groups: int,
-    ) -> Tensor:
+        x: Tensor, weight: Tensor, bias: Tensor | None, rule: Feedback, stride: Sequence[int],
+        padding: Sequence[int], dilation: Sequence[int], groups: int, *state: Tensor,
+    ) -> Tensor:  # fmt: skip
         return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, _weight, bias, feedback, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(x, feedback)
-        ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+        x, weight, bias, rule, stride, padding, dilation, groups, *state = inputs
+        ctx.save_for_backward(x, weight, *state)
+        ctx.rule, ctx.n_args, ctx.conv_args = rule, 8, (stride, padding, dilation, groups)
         ctx.bias_sizes = None if bias is None else list(bias.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, feedback = ctx.saved_tensors
-        x, feedback = x.to(grad_out.dtype), feedback.to(grad_out.dtype)  # autocast, as above
+        x, _, b, state = _saved(ctx, grad_out)
         stride, padding, dilation, groups = ctx.conv_args
-        need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
-        mask = [need_x, need_w or need_fb, need_b and ctx.bias_sizes is not None]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_w = need_w or any(ctx.needs_input_grad[8:])
+        mask = [need_x, need_w, need_b and ctx.bias_sizes is not None]
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_out, x, feedback, ctx.bias_sizes, stride, padding, dilation, False,
+            grad_out, x, b, ctx.bias_sizes, list(stride), list(padding), list(dilation), False,
             [0] * len(stride), groups, mask,
         )  # fmt: skip
-        grad_fb = grad_w if need_fb else None
+        extra = _state_grads(ctx, grad_w if need_w else None, state)
         return (
             grad_x if need_x else None,
-            grad_w if need_w else None,
+            grad_w if ctx.needs_input_grad[1] else None,
             grad_b if mask[2] else None,
-            grad_fb,
-            None, None, None, None,
+            None, None, None, None, None, *extra,
         )  # fmt: skip
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None) -> Tensor:
-    """Linear map whose input gradient uses ``feedback`` (shape of ``weight``); exact if ``None``."""
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    feedback: Feedback | Tensor | None,
+    state: Sequence[Tensor] = (),
+) -> Tensor:
+    """Linear map whose input gradient uses ``feedback``: a rule (with its pass ``state``) or a
+    tensor shaped like ``weight``; exact if ``None``."""
     if feedback is None:
         return F.linear(x, weight, bias)
-    out: Tensor = LinearFeedback.apply(x, weight, bias, feedback)
+    rule, st = _rule(feedback, state)
+    out: Tensor = LinearFeedback.apply(x, weight, bias, rule, *st)
     return out
 
 
@@ -120,18 +159,21 @@ def conv(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    feedback: Tensor | None,
+    feedback: Feedback | Tensor | None,
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
+    state: Sequence[Tensor] = (),
 ) -> Tensor:
-    """N-d convolution (explicit symmetric padding) whose input gradient uses ``feedback``;
-    exact if ``None``. Batched or unbatched input, as ``torch.nn.functional.conv{1,2,3}d``."""
+    """N-d convolution (explicit symmetric padding) whose input gradient uses ``feedback``, as in
+    :func:`linear`; exact if ``None``. Batched or unbatched input, as ``F.conv{1,2,3}d``."""
+    args = (stride, padding, dilation, groups)
     if feedback is None:
-        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+        return _CONV[weight.dim() - 2](x, weight, bias, *args)
+    rule, st = _rule(feedback, state)
     unbatched = x.dim() == weight.dim() - 1
     if unbatched:
         x = x.unsqueeze(0)
-    out: Tensor = ConvFeedback.apply(x, weight, bias, feedback, stride, padding, dilation, groups)
+    out: Tensor = ConvFeedback.apply(x, weight, bias, rule, *args, *st)
     return out.squeeze(0) if unbatched else out

@@ -1,73 +1,88 @@
 """The rule-parametrised layer: one mixin that turns an ``nn.Linear`` or ``nn.Conv{1,2,3}d`` into a
 layer whose backward follows a learning rule, while it stays an instance of its torch class.
 
-``biograd.convert`` swaps a module's class for ``Feedback<Class>`` (a subclass of both this mixin
-and the original class, as ``torch.nn.utils.parametrize`` does), and registers the rule's buffers.
-The module keeps its Parameter objects, so its weights stay bit-for-bit and an optimizer built
-before conversion still holds them.
+The rule and all its state are the child module ``layer.rule`` (state-dict keys
+``<layer>.rule.<tensor>``), the way ``torch.nn.utils.parametrize`` keeps
+``module.parametrizations``. ``biograd.convert`` swaps a module's class for ``Feedback<Class>`` (a
+subclass of both this mixin and the original class) and adds the rule; the module keeps its
+Parameter objects, so its weights stay bit-for-bit and an optimizer built before conversion still
+holds them. ``biograd.nn.Linear(3, 4, rule="fa")`` builds one directly.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..rules.base import Rule, get_rule
 from . import functional as BF
 
-if TYPE_CHECKING:
-    from ..direct import DirectFeedback
-    from ..rules.base import Rule
-
 CONVERTIBLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_STOCK_FORWARD = {cls.forward for cls in CONVERTIBLE}
+
+
+def convertible(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> str | None:
+    """None if ``module`` (named ``name`` among ``parents``) can be converted, else why not."""
+    if not isinstance(module, CONVERTIBLE):
+        return "not a Linear or Conv layer"
+    cls = original_class(module) if isinstance(module, FeedbackLayer) else type(module)
+    if cls.forward not in _STOCK_FORWARD:
+        return f"{cls.__name__} overrides forward"
+    if isinstance(parents.get(name.rpartition(".")[0]), nn.MultiheadAttention):
+        return "used inside MultiheadAttention's fused kernel (exact)"
+    return None
+
+
+def set_rule(layer: nn.Module, rule: str, seed: int | None = None, scale: str = "xavier") -> Rule:
+    """Give ``layer`` a fresh ``rule`` as ``layer.rule``; ``seed=None`` draws one from torch's
+    global RNG (as torch's own initialisation does)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
+    r = get_rule(rule)(layer.weight, seed, scale)  # type: ignore[arg-type]
+    layer.rule = r
+    return r
 
 
 class FeedbackLayer(nn.Module):
-    """Mixin for a converted layer. Attributes (all set by ``biograd.convert``):
+    """Mixin for a rule-parametrised layer.
 
-    - ``feedback_rule``: the rule's name; ``feedback_seed``: this layer's seed;
-      ``feedback_scale_scheme``: the scale scheme of B (see ``biograd.rules.SCALES``);
-    - ``feedback_step``: training forward passes so far (drives brsf's per-batch draws);
-    - ``feedback_exact``: when true the layer computes exact backprop (``biograd.exact``).
+    ``rule`` is the layer's :class:`biograd.rules.Rule` (its state included);
+    ``feedback_rule`` its name; ``feedback_exact`` (a mode, like ``training``) makes the layer
+    compute exact backprop (``biograd.exact``). Constructed directly it takes the torch class's
+    arguments plus ``rule`` (default ``"bp"``), ``seed`` (default: from torch's RNG) and ``scale``
+    (``biograd.rules.SCALES``); direct rules need ``biograd.convert`` (they act on the model).
     """
 
-    feedback_rule: str
-    feedback_seed: int
-    feedback_scale_scheme: str
-    feedback_step: int
-    feedback_exact: bool
-    feedback_key: str
-    direct_role: str  # "" (not direct), "hidden" (input is a feedback point), "output", "none"
-    _rule: Rule
-    _engine: DirectFeedback | None
+    rule: Rule
     weight: Tensor
-    # the rules' state (buffers, or kp's Parameter), present only under the rule that uses it
-    feedback: Tensor
-    feedback_scale: Tensor
-    feedback_magnitude: Tensor
+    feedback_exact: bool = False
+
+    def __init__(
+        self, *args: Any, rule: str = "bp", seed: int | None = None, scale: str = "xavier",
+        **kwargs: Any,
+    ) -> None:  # fmt: skip
+        super().__init__(*args, **kwargs)
+        if get_rule(rule).direct:
+            raise ValueError(f"{rule!r} is a direct rule: use biograd.convert(model, {rule!r})")
+        set_rule(self, rule, seed, scale)
+
+    @property
+    def feedback_rule(self) -> str:
+        return self.rule.name
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.feedback_exact:
-            return self._op(x, None)
-        if self._rule.direct:
-            engine = self._engine
-            if engine is not None and self.direct_role in ("hidden", "output"):
-                x = engine.add_point(self.feedback_key, x)
-            out = self._op(x, None)
-            if engine is not None and self.direct_role == "output":
-                out = engine.inject(out)
-            return out
-        fb = self._rule.feedback(self)
-        if fb is not None:
-            self.__dict__["_last_feedback"] = fb.detach()  # plain attribute, not module state
-        return self._op(x, fb)
+        rule = self.rule
+        if self.feedback_exact or rule.exact_input_grad:
+            return self._op(x, None, ())
+        return self._op(x, rule, rule.pass_state(self.training and torch.is_grad_enabled()))
 
-    def _op(self, x: Tensor, feedback: Tensor | None) -> Tensor:
+    def _op(self, x: Tensor, rule: Rule | None, state: tuple[Tensor, ...]) -> Tensor:
         layer: Any = self
         if isinstance(self, nn.Linear):
-            return BF.linear(x, layer.weight, layer.bias, feedback)
+            return BF.linear(x, layer.weight, layer.bias, rule, state)
         conv = layer
         padding = conv.padding
         if conv.padding_mode != "zeros":
@@ -81,58 +96,38 @@ class FeedbackLayer(nn.Module):
             else:
                 x = F.pad(x, rev)
                 padding = (0,) * len(conv.kernel_size)
-        return BF.conv(
-            x, conv.weight, conv.bias, feedback, conv.stride, padding, conv.dilation, conv.groups
-        )
+        args = (conv.stride, padding, conv.dilation, conv.groups)
+        return BF.conv(x, conv.weight, conv.bias, rule, *args, state=state)
 
-    def _feedback_generator(self, device: torch.device) -> torch.Generator:
-        gens: dict[torch.device, torch.Generator] = self.__dict__.setdefault(
-            "_feedback_generators", {}
-        )
-        if device not in gens:
-            gens[device] = torch.Generator(device=device)
-        return gens[device]
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {
-            "rule": self.feedback_rule,
-            "seed": self.feedback_seed,
-            "scale": self.feedback_scale_scheme,
-            "step": self.feedback_step,
-        }
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        if state.get("rule") != self.feedback_rule:
-            raise RuntimeError(
-                f"state_dict was saved with rule {state.get('rule')!r}, this layer uses {self.feedback_rule!r}"
-            )
-        self.feedback_seed = int(state["seed"])
-        self.feedback_step = int(state["step"])
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Feedback<UserClass> is made at run time: rebuild it from the user's class (pickle,
+        # deepcopy, multiprocessing spawn).
+        return _rebuild, (original_class(self),), self.__dict__.copy()
 
     def extra_repr(self) -> str:
-        base = super().extra_repr()
-        extra = f"rule={self.feedback_rule}"
-        if not self._rule.direct and self.feedback_rule != "bp":
-            extra += f", scale={self.feedback_scale_scheme}"
-        if self.direct_role:
-            extra += f", role={self.direct_role}"
-        return f"{base}, {extra}"
+        return f"{super().extra_repr()}, rule={self.rule.name}"
+
+
+def _rebuild(cls: type[nn.Module]) -> nn.Module:
+    """An empty instance of the converted class of ``cls`` (its state comes from pickle)."""
+    made: nn.Module = object.__new__(feedback_class(cls))
+    return made
 
 
 class FeedbackLinear(FeedbackLayer, nn.Linear):
-    """``nn.Linear`` following a learning rule (any input rank)."""
+    """``nn.Linear`` following a learning rule (any input rank); also ``biograd.nn.Linear``."""
 
 
 class FeedbackConv1d(FeedbackLayer, nn.Conv1d):
-    """``nn.Conv1d`` following a learning rule."""
+    """``nn.Conv1d`` following a learning rule; also ``biograd.nn.Conv1d``."""
 
 
 class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
-    """``nn.Conv2d`` following a learning rule."""
+    """``nn.Conv2d`` following a learning rule; also ``biograd.nn.Conv2d``."""
 
 
 class FeedbackConv3d(FeedbackLayer, nn.Conv3d):
-    """``nn.Conv3d`` following a learning rule."""
+    """``nn.Conv3d`` following a learning rule; also ``biograd.nn.Conv3d``."""
 
 
 _CLASSES: dict[type[nn.Module], type[FeedbackLayer]] = {
@@ -147,13 +142,13 @@ def feedback_class(cls: type[nn.Module]) -> type[FeedbackLayer]:
     """The converted class for ``cls`` (a subclass of ``cls``), made once per class."""
     if cls not in _CLASSES:
         _CLASSES[cls] = type(
-            f"Feedback{cls.__name__}", (FeedbackLayer, cls), {"__module__": __name__}
+            f"Feedback{cls.__name__}", (FeedbackLayer, cls), {"__module__": cls.__module__}
         )
     return _CLASSES[cls]
 
 
-def original_class(layer: FeedbackLayer) -> type[nn.Module]:
-    """The torch class a converted layer was made from."""
+def original_class(layer: nn.Module) -> type[nn.Module]:
+    """The torch (or user) class a converted layer was made from."""
     for base in type(layer).__mro__[1:]:
         if issubclass(base, nn.Module) and not issubclass(base, FeedbackLayer):
             return base

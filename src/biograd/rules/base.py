@@ -1,18 +1,21 @@
-"""The rule interface, the registry, and the scale schemes for feedback weights."""
+"""The rule interface, the registry, and the scale schemes of random feedback.
+
+A rule is an ``nn.Module`` held by the layer it trains as the child ``layer.rule``: all its state
+(fixed feedback as buffers, learned feedback as Parameters, counters as int64 buffers) lives
+there, so it moves with ``.to()``, saves with ``torch.save``, safetensors and ``save_pretrained``,
+and nothing about it sits in ``state_dict`` as a Python object. See ``docs/architecture.md``.
+"""
 
 from __future__ import annotations
 
 import math
 import zlib
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from ..nn.layers import FeedbackLayer
-
-_REGISTRY: dict[str, Rule] = {}
+_REGISTRY: dict[str, type[Rule]] = {}
 
 SCALES = ("xavier", "kaiming", "xiao", "weight")
 """Feedback scale schemes (the standard deviation of the random feedback entries):
@@ -27,12 +30,13 @@ SCALES = ("xavier", "kaiming", "xiao", "weight")
 ``fan_in = in_features * prod(kernel)`` and ``fan_out = out_features * prod(kernel)`` (per group).
 """
 
+MASK32 = 0xFFFFFFFF
+
 
 def feedback_std(weight: Tensor, scheme: str) -> float:
     """Standard deviation of the feedback entries for a weight of this shape under ``scheme``."""
     receptive = math.prod(weight.shape[2:]) if weight.dim() > 2 else 1
-    fan_in = weight.shape[1] * receptive
-    fan_out = weight.shape[0] * receptive
+    fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
     if scheme == "xavier":
         return math.sqrt(2.0 / (fan_in + fan_out))
     if scheme == "kaiming":
@@ -40,6 +44,8 @@ def feedback_std(weight: Tensor, scheme: str) -> float:
     if scheme == "xiao":
         return math.sqrt(2.0 / fan_out)
     if scheme == "weight":
+        if weight.is_meta:
+            raise ValueError("scale='weight' needs the weight's values: convert after to_empty")
         return float(weight.detach().float().std()) if weight.numel() > 1 else 1.0
     raise ValueError(f"unknown feedback scale {scheme!r}; choose one of {', '.join(SCALES)}")
 
@@ -52,47 +58,152 @@ def layer_seed(seed: int, name: str) -> int:
 
 def uniform_like(weight: Tensor, std: float, seed: int) -> Tensor:
     """Entries ~ U(-sqrt(3) std, sqrt(3) std), drawn on the CPU from ``seed`` so that every device
-    and every rank gets the same values, then moved to the weight's device and dtype."""
+    and every rank gets the same values, then moved to the weight's device and dtype (an empty
+    tensor on the meta device)."""
+    if weight.is_meta:
+        return torch.empty_like(weight)
     gen = torch.Generator().manual_seed(seed)
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     r = torch.rand(weight.shape, generator=gen, dtype=dtype)
     return ((2 * r - 1) * (math.sqrt(3.0) * std)).to(weight.device, weight.dtype)
 
 
-class Rule:
-    """A learning rule for one converted layer.
+def mix32(x: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finaliser (a bijection of 32-bit integers) on int64 tensors."""
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & MASK32
+    return x ^ (x >> 16)
 
-    ``setup`` registers the rule's state on the layer (buffers; never inside ``forward``),
-    ``feedback`` returns the B that carries the error to the layer's input in this forward pass
-    (``None`` means the exact transpose, i.e. backprop), ``teardown`` removes the state again.
+
+def hashed_uniform(shape: torch.Size, key: Tensor, dtype: torch.dtype) -> Tensor:
+    """U(0, 1) entries of ``shape`` that are a pure function of the int64 tensor ``key``:
+    ``u_i = ((mix(mix(i + c) XOR key) >> 8) + 1/2) / 2^24`` (``c`` = 0x9E3779B9) on ``key``'s
+    device, never 0, with no generator object and no host synchronisation (a counter-based draw
+    in the spirit of Salmon et al. 2011)."""
+    i = torch.arange(math.prod(shape), device=key.device, dtype=torch.int64)
+    h = mix32(mix32(i + 0x9E3779B9) ^ (key & MASK32))
+    return (h >> 8).to(torch.float32).add_(0.5).mul_(2.0**-24).to(dtype).reshape(shape)
+
+
+class Rule(nn.Module):
+    """A learning rule for one layer, with its state.
+
+    Capabilities (class attributes; generic code asks these, never a rule's name):
+    ``direct`` (the error arrives through the model's direct-feedback engine), ``needs_targets``
+    (``biograd.set_targets`` before each forward), ``trains_hidden`` (hidden layers receive a
+    gradient), ``learned_feedback`` (the rule owns Parameters that learn), ``updates_after_step``
+    (``biograd.update_feedback(model)`` must run after every optimizer step), ``exact_input_grad``
+    (the layer's input gradient is autograd's own ``W^T delta``), ``learned`` (names of the
+    state registered as Parameters), ``tied_to_weight`` (names of the state that must get every
+    change made to W, e.g. by ``biograd.optim.WeightNormConstraint``: Kolen-Pollack's B).
+
+    A subclass defines what the op's backward needs and nothing runs in ``forward`` but
+    :meth:`pass_state`:
+
+    - :meth:`initial_state`: the state tensors, drawn from ``self.seed``; registered as buffers,
+      or as Parameters for the names in ``learned``. It runs again when the layer is materialised
+      from the meta device (``to_empty``), so that meta and CPU builds get the same state.
+    - :meth:`pass_state`: the tensors one forward pass hands to its backward (cheap: no B built).
+    - :meth:`matrix`: B, shaped like W, from W and those tensors, computed in the backward.
+    - :meth:`state_grads`: the gradients of those tensors (Kolen-Pollack: B gets W's gradient).
+    - :meth:`update`: a learning step of the feedback outside autograd, run after the optimizer.
+
+    Config (``seed``, ``scheme``, ``std``, ``shape``) is plain attributes, like ``in_features``.
     """
 
-    name: ClassVar[str]
-    direct: ClassVar[bool] = False
+    name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    direct: ClassVar[bool] = False
+    needs_targets: ClassVar[bool] = False
+    trains_hidden: ClassVar[bool] = True
+    learned_feedback: ClassVar[bool] = False
+    updates_after_step: ClassVar[bool] = False
+    exact_input_grad: ClassVar[bool] = False
+    learned: ClassVar[tuple[str, ...]] = ()
+    tied_to_weight: ClassVar[tuple[str, ...]] = ()
 
-    def setup(self, layer: FeedbackLayer, seed: int, scale: str) -> None:
-        """Register the rule's buffers on ``layer``."""
+    def __init__(self, weight: Tensor, seed: int = 0, scale: str = "xavier") -> None:
+        super().__init__()
+        self.seed, self.scheme = int(seed), scale
+        self.std = feedback_std(weight, scale)
+        self.shape = tuple(weight.shape)
+        for key, value in self.initial_state(weight.detach()).items():
+            if key in self.learned:
+                self.register_parameter(key, nn.Parameter(value, weight.requires_grad))
+            else:
+                self.register_buffer(key, value)
 
-    def feedback(self, layer: FeedbackLayer) -> Tensor | None:
-        """The feedback matrix for this forward pass, shaped like ``layer.weight``."""
+    def initial_state(self, like: Tensor) -> dict[str, Tensor]:
+        """The rule's state for a weight shaped, typed and placed like ``like``."""
+        return {}
+
+    def pass_state(self, advance: bool) -> tuple[Tensor, ...]:
+        """What this forward pass's backward needs; ``advance``: a training pass (counters
+        move)."""
+        return tuple(t for _, t in self._state())
+
+    def last_state(self) -> tuple[Tensor, ...]:
+        """The :meth:`pass_state` of the last training pass (before any: of the next one)."""
+        return self.pass_state(False)
+
+    def matrix(self, weight: Tensor, *state: Tensor) -> Tensor | None:
+        """The feedback matrix B (shape of ``weight``) for a pass with ``state``; None: W."""
         return None
 
-    def teardown(self, layer: FeedbackLayer) -> None:
-        """Remove what ``setup`` registered."""
-        for key in ("feedback", "feedback_magnitude", "feedback_scale"):
-            layer._buffers.pop(key, None)
-            layer._parameters.pop(key, None)
+    def state_grads(self, grad_weight: Tensor | None, *state: Tensor) -> tuple[Tensor | None, ...]:
+        """Gradients of the :meth:`pass_state` tensors, given the layer's weight gradient."""
+        return (None,) * len(state)
+
+    def update(self, layer: nn.Module) -> None:
+        """One learning step of the feedback (rules with ``updates_after_step``)."""
+
+    def _state(self) -> list[tuple[str, Tensor]]:
+        return [
+            (k, t) for k, t in [*self._parameters.items(), *self._buffers.items()] if t is not None
+        ]
+
+    def reset_state(self) -> None:
+        """Draw the state again from the seed, in place (Parameters stay the same objects)."""
+        state = self._state()
+        if not state:
+            return
+        like = torch.empty(self.shape, dtype=state[0][1].dtype, device=state[0][1].device)
+        with torch.no_grad():
+            for key, value in self.initial_state(like).items():
+                getattr(self, key).copy_(value)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Rule:
+        was_meta = any(t.is_meta for _, t in self._state())
+        super()._apply(fn, recurse)
+        if was_meta and not any(t.is_meta for _, t in self._state()):
+            self.reset_state()  # to_empty: the memory is uninitialised, the seed is not
+        return self
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        own = {k for k, _ in self._state()}
+        saved = {k[len(prefix) :] for k in state_dict if k.startswith(prefix)}
+        if saved - own:
+            raise RuntimeError(
+                f"state_dict was saved with another rule (keys {sorted(saved)} under {prefix!r}); "
+                f"this layer uses rule {self.name!r} (keys {sorted(own)})"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def extra_repr(self) -> str:
+        return f"seed={self.seed}, scale={self.scheme}" if self._state() else ""
 
 
-def register(rule: Rule) -> Rule:
-    """Add a rule to the registry under ``rule.name``."""
+def register(rule: type[Rule]) -> type[Rule]:
+    """Add a rule class to the registry under ``rule.name`` (usable as a class decorator)."""
     _REGISTRY[rule.name] = rule
     return rule
 
 
-def get_rule(name: str) -> Rule:
-    """The rule registered as ``name``; ``ValueError`` naming the available rules otherwise."""
+def get_rule(name: str) -> type[Rule]:
+    """The rule class registered as ``name``; ``ValueError`` naming the available rules otherwise."""
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -1,148 +1,132 @@
 """Backprop and the feedback-alignment family: rules where the error travels layer by layer
-through a feedback matrix B shaped like W (DESIGN.md, Notation)."""
+through a feedback matrix B shaped like W (DESIGN.md, Notation). B is formed in the backward pass
+from the rule's state and W; nothing is built in the forward pass."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .base import Rule, feedback_std, register, uniform_like
-
-if TYPE_CHECKING:
-    from ..nn.layers import FeedbackLayer
+from .base import Rule, hashed_uniform, mix32, register, uniform_like
 
 
+@register
 class Backprop(Rule):
     """Exact backpropagation: B = W (Rumelhart et al. 1986)."""
 
     name = "bp"
     paper = "Rumelhart, Hinton, Williams 1986"
+    exact_input_grad = True
 
 
+@register
 class FeedbackAlignment(Rule):
     """Feedback alignment: B fixed and random, drawn once (Lillicrap et al. 2016, Eq. 1).
 
-    B ~ U(-sqrt(3) s, sqrt(3) s) with s from the layer's scale scheme.
+    B ~ U(-sqrt(3) s, sqrt(3) s) with s from the layer's scale scheme; buffer ``feedback``.
     """
 
     name = "fa"
     paper = "Lillicrap, Cownden, Tweed, Akerman 2016"
 
-    def setup(self, layer: FeedbackLayer, seed: int, scale: str) -> None:
-        w = layer.weight
-        layer.register_buffer("feedback", uniform_like(w, feedback_std(w, scale), seed))
+    def initial_state(self, like: Tensor) -> dict[str, Tensor]:
+        return {"feedback": uniform_like(like, self.std, self.seed)}
 
-    def feedback(self, layer: FeedbackLayer) -> Tensor | None:
-        return layer.feedback
+    def matrix(self, weight: Tensor, *state: Tensor) -> Tensor | None:
+        return state[0]
 
 
+def _scale(like: Tensor, std: float) -> Tensor:
+    return torch.tensor(std, dtype=like.dtype, device=like.device)
+
+
+@register
 class UniformSignFeedback(Rule):
-    """Uniform sign-concordant feedback: B = s * sign(W), s a fixed per-layer scale
-    (Liao, Leibo, Poggio 2016, "uSF"; Xiao et al. 2018)."""
+    """Uniform sign-concordant feedback: B = s * sign(W), s a fixed per-layer scale (buffer
+    ``scale``) (Liao, Leibo, Poggio 2016, "uSF"; Xiao et al. 2018)."""
 
     name = "usf"
     paper = "Liao, Leibo, Poggio 2016"
 
-    def setup(self, layer: FeedbackLayer, seed: int, scale: str) -> None:
-        std = feedback_std(layer.weight, scale)
-        layer.register_buffer(
-            "feedback_scale",
-            torch.tensor(std, dtype=layer.weight.dtype, device=layer.weight.device),
-        )
+    def initial_state(self, like: Tensor) -> dict[str, Tensor]:
+        return {"scale": _scale(like, self.std)}
 
-    def feedback(self, layer: FeedbackLayer) -> Tensor | None:
-        return torch.sign(layer.weight.detach()).mul_(layer.feedback_scale)
+    def matrix(self, weight: Tensor, *state: Tensor) -> Tensor | None:
+        return torch.sign(weight).mul_(state[0])
 
 
+@register
 class FixedRandomSignFeedback(Rule):
-    """Fixed random-magnitude sign-concordant feedback: B = |R| * sign(W), R drawn once
-    (Liao et al. 2016, "frSF")."""
+    """Fixed random-magnitude sign-concordant feedback: B = |R| * sign(W), R drawn once (buffer
+    ``magnitude`` = |R|) (Liao et al. 2016, "frSF")."""
 
     name = "frsf"
     paper = "Liao, Leibo, Poggio 2016"
 
-    def setup(self, layer: FeedbackLayer, seed: int, scale: str) -> None:
-        w = layer.weight
-        layer.register_buffer(
-            "feedback_magnitude", uniform_like(w, feedback_std(w, scale), seed).abs()
-        )
+    def initial_state(self, like: Tensor) -> dict[str, Tensor]:
+        return {"magnitude": uniform_like(like, self.std, self.seed).abs()}
 
-    def feedback(self, layer: FeedbackLayer) -> Tensor | None:
-        return torch.sign(layer.weight.detach()).mul_(layer.feedback_magnitude)
+    def matrix(self, weight: Tensor, *state: Tensor) -> Tensor | None:
+        return torch.sign(weight).mul_(state[0])
 
 
+@register
 class BatchRandomSignFeedback(Rule):
     """Batchwise random-magnitude sign-concordant feedback: B = |R_t| * sign(W), R_t redrawn at
-    every forward pass (Liao et al. 2016, "brSF").
+    every training forward pass (Liao et al. 2016, "brSF").
 
-    R_t comes from a per-layer generator seeded with (layer seed, t); ``t`` counts the layer's
-    training forward passes and is saved in ``state_dict`` (extra state), so a resumed run draws
-    the same R_t as an uninterrupted one, and every DDP rank draws the same values.
+    ``t`` is the int64 buffer ``step`` (training passes so far) and ``key`` an int64 buffer
+    made from the layer's seed. |R_t| ~ U(0, sqrt(3) s) is a counter-based draw keyed by
+    (key, t) (:func:`biograd.rules.base.hashed_uniform`), made in the backward pass on the
+    weight's device: a resumed run draws the same R_t as an uninterrupted one, and every DDP
+    rank draws the same values.
     """
 
     name = "brsf"
     paper = "Liao, Leibo, Poggio 2016"
-    _MIX: ClassVar[int] = 0x9E3779B97F4A7C15
+    step: Tensor
 
-    def setup(self, layer: FeedbackLayer, seed: int, scale: str) -> None:
-        layer.register_buffer(
-            "feedback_scale",
-            torch.tensor(
-                feedback_std(layer.weight, scale),
-                dtype=layer.weight.dtype,
-                device=layer.weight.device,
-            ),
-        )
+    def initial_state(self, like: Tensor) -> dict[str, Tensor]:
+        step = torch.zeros((), dtype=torch.int64, device=like.device)
+        key = torch.tensor(self.seed & 0xFFFFFFFF, dtype=torch.int64, device=like.device)
+        return {"scale": _scale(like, self.std), "step": step, "key": key}
 
-    # Runs eagerly under torch.compile: the draw depends on a Python counter and a generator,
-    # which would otherwise recompile the graph at every step.
+    # Eager under torch.compile: a compiled graph hands the backward the step after the increment.
     @torch.compiler.disable
-    def feedback(self, layer: FeedbackLayer) -> Tensor | None:
-        w = layer.weight.detach()
-        step = layer.feedback_step
-        if layer.training and torch.is_grad_enabled():
-            layer.feedback_step = step + 1
-        gen = layer._feedback_generator(w.device)
-        gen.manual_seed((layer.feedback_seed + step * self._MIX) % (2**63))
-        r = torch.rand(w.shape, generator=gen, device=w.device, dtype=w.dtype)
+    def pass_state(self, advance: bool) -> tuple[Tensor, ...]:
+        step = self.step.clone()
+        if advance:
+            self.step.add_(1)
+        return self.get_buffer("scale"), step, self.get_buffer("key")
+
+    def last_state(self) -> tuple[Tensor, ...]:
+        return self.get_buffer("scale"), (self.step - 1).clamp_(min=0), self.get_buffer("key")
+
+    def matrix(self, weight: Tensor, *state: Tensor) -> Tensor | None:
+        scale, step, key = state
+        key = mix32(mix32(step) ^ key)
+        r = hashed_uniform(weight.shape, key.to(weight.device), weight.dtype)
         # |U(-a, a)| is U(0, a): the magnitudes of the same distribution as fa's B.
-        return r.mul_(torch.sign(w)).mul_(3.0**0.5 * layer.feedback_scale)
+        return r.mul_(torch.sign(weight)).mul_(math.sqrt(3.0) * scale)
 
 
-class KolenPollack(Rule):
+@register
+class KolenPollack(FeedbackAlignment):
     """Kolen-Pollack: B starts random (as in FA) and receives the same gradient as W, so with the
     same optimizer and weight decay B - W decays to 0 (Kolen & Pollack 1994; Akrout et al. 2019,
     Eq. 4).
 
-    B is registered as a *Parameter* named ``feedback`` because it learns: any torch optimizer
-    built from ``model.parameters()`` after conversion updates it with W's gradient and W's
-    weight decay, and DDP keeps it in step across ranks.
+    B is the *Parameter* ``rule.feedback``: any torch optimizer built from ``model.parameters()``
+    after conversion updates it with W's gradient and W's weight decay, and DDP keeps it in step
+    across ranks.
     """
 
     name = "kp"
     paper = "Akrout, Wilson, Humphreys, Lillicrap, Tweed 2019"
+    learned_feedback = True
+    learned = tied_to_weight = ("feedback",)
 
-    def setup(self, layer: FeedbackLayer, seed: int, scale: str) -> None:
-        w = layer.weight
-        layer.register_parameter(
-            "feedback",
-            nn.Parameter(
-                uniform_like(w, feedback_std(w, scale), seed), requires_grad=w.requires_grad
-            ),
-        )
-
-    def feedback(self, layer: FeedbackLayer) -> Tensor | None:
-        return layer.feedback
-
-
-for _rule in (
-    Backprop(),
-    FeedbackAlignment(),
-    UniformSignFeedback(),
-    FixedRandomSignFeedback(),
-    BatchRandomSignFeedback(),
-    KolenPollack(),
-):
-    register(_rule)
+    def state_grads(self, grad_weight: Tensor | None, *state: Tensor) -> tuple[Tensor | None, ...]:
+        return (grad_weight,)

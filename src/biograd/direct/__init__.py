@@ -1,0 +1,31 @@
+"""The direct-feedback engine: DFA, sign-DFA, DRTP and the shallow control.
+
+Direct rules send the output error straight to every hidden layer through a fixed random matrix:
+``delta_l = (B_l e) * f'(a_l)`` (Nøkland 2016). Here ``e = dLoss/d(output)`` is whatever
+autograd computes for the user's loss, and the projection ``B_k e`` is injected at a **feedback
+point**: by default the input of every converted layer but the first, i.e. the output side of the
+layer below *after* its activation, batch norm and pooling, so that ``f'`` and the other local
+derivatives come from autograd (the placement of Launay, Poli, Krzakala 2019). Explicit feedback
+points can be put on the output of any module instead (block-wise DFA, Launay et al. 2020).
+
+A point's tensor is detached from the graph above it in the forward pass, so the backward never
+computes the back-propagated products that DFA throws away. The output layer's forward pass hands
+all points of that forward pass to one autograd node which, in backward, receives ``e`` and
+returns ``B_k s(e)`` for every point ``k``.
+
+Feedback matrix of point k: ``B_k`` of shape ``(d_k, C)``, ``d_k`` the number of features per
+sample at the point (``prod(shape[batch_dims:])``), ``C`` the number of outputs per sample; it
+trains the converted layer that ran last before the point. Modules: ``engine`` (the forward and
+backward protocol), ``layouts`` (storage), ``plan`` (hooks, points, output), ``memory`` (cost).
+See ``docs/direct.md``.
+"""
+
+from ..rules.direct import DirectRule, FeedbackError
+from .engine import NORMS, DirectFeedback, norm_factor
+from .layouts import LAYOUTS, Dense, Hashed, Shared, point_salt
+from .memory import feedback_memory, feedback_sizes
+
+__all__ = [
+    "LAYOUTS", "NORMS", "Dense", "DirectFeedback", "DirectRule", "FeedbackError", "Hashed",
+    "Shared", "feedback_memory", "feedback_sizes", "norm_factor", "point_salt",
+]  # fmt: skip
