@@ -3,7 +3,6 @@ synthetic task (labels from a fixed random teacher network)."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -62,23 +61,20 @@ def test_every_rule_lowers_the_loss(arch: str, rule: str) -> None:
     torch.manual_seed(0)
     x, y = task()
     model = mlp() if arch == "mlp" else cnn()
-    biograd.convert(model, rule, seed=0, example_input=x[:2])
+    biograd.convert(model, rule, seed=0)  # direct feedback: drawn at the first forward pass
     layers = [layer for _, layer in biograd.converted_layers(model)]
     first = layers[0].weight.detach().clone()
     optim = torch.optim.Adam(model.parameters(), lr=1e-2)
     before = eval_loss(model, x, y)
-    start = time.perf_counter()
     for step in range(100):
         idx = (torch.arange(64) + step * 64) % len(x)
-        if rule == "drtp":
+        if biograd.needs_targets(model):
             biograd.set_targets(model, y[idx])
         loss = F.cross_entropy(model(x[idx]), y[idx])
         optim.zero_grad()
         loss.backward()
         optim.step()
-    elapsed = time.perf_counter() - start
     after = eval_loss(model, x, y)
     assert after < 0.9 * before, (before, after)
     # the hidden layers learn, except under the shallow control (only the output layer learns)
     assert torch.equal(layers[0].weight, first) == (rule == "shallow")
-    assert elapsed < 15.0
