@@ -3,7 +3,6 @@ synthetic task (labels from a fixed random teacher network)."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn

@@ -215,11 +215,11 @@ def test_load_plain_is_strict_and_keeps_the_feedback() -> None:
     assert torch.equal(model[0].weight, plain[0].weight)
     assert torch.equal(biograd.feedback_weight(model[0]), b)
     partial = {k: v for k, v in plain.state_dict().items() if k != "0.bias"}
-    with pytest.raises(RuntimeError, match="0.bias"):
+    with pytest.raises(RuntimeError, match=r"0\.bias"):
         biograd.load_plain(model, partial)
     with pytest.raises(RuntimeError, match="rule state"):
         biograd.load_plain(model, model.state_dict())
-    with pytest.raises(RuntimeError, match="another rule|Missing"):
+    with pytest.raises(RuntimeError, match=r"another rule|Missing"):
         biograd.convert(cnn(), "usf").load_state_dict(model.state_dict())
 
 
@@ -256,7 +256,7 @@ def test_rule_layers_in_model_code() -> None:
         conv(torch.randn(shape)).sum().backward()
         b = biograd.feedback_weight(conv)
         assert torch.equal(torch.sign(b), torch.sign(conv.weight.detach()))
-    with pytest.raises(ValueError, match="biograd.convert"):
+    with pytest.raises(ValueError, match=r"biograd\.convert"):
         biograd.nn.Linear(3, 2, rule="dfa")
     model = nn.Sequential(biograd.nn.Linear(4, 6, rule="kp", seed=0), nn.ReLU(), nn.Linear(6, 2))
     assert "0.rule.feedback" in dict(model.named_parameters())

@@ -18,16 +18,14 @@ from .convert import (
     converted_layers,
     exact,
     feedback_weight,
-    load_plain,
     needs_targets,
-    plain_state_dict,
     rules_of,
     set_loss_scale,
     set_targets,
-    unconvert,
     update_feedback,
 )
 from .rules import get_rule, rule_names
+from .state import load_plain, plain_state_dict, unconvert
 
 if TYPE_CHECKING:
     from .experiment.compare import CompareResult, compare

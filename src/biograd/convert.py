@@ -1,6 +1,6 @@
-"""``biograd.convert``: one line to put any PyTorch model on a learning rule, ``unconvert`` to take
-it off again, and their companions ``exact``, ``feedback_weight``, ``set_targets``,
-``load_plain`` and ``conversion_report``."""
+"""``biograd.convert``: one line to put any PyTorch model on a learning rule, and its companions
+``exact``, ``feedback_weight``, ``set_targets``, the capability queries and ``conversion_report``
+(``unconvert`` and ``load_plain``: :mod:`biograd.state`)."""
 
 from __future__ import annotations
 
@@ -16,16 +16,16 @@ import torch
 from torch import Tensor, nn
 
 from .direct import DirectFeedback
-from .direct.plan import attach, detach_hooks, match, points_of
+from .direct.plan import attach, match, points_of
 from .nn.layers import (
     CONVERTIBLE,
     FeedbackLayer,
     convertible,
     feedback_class,
-    original_class,
     set_rule,
 )
 from .rules.base import SCALES, Rule, get_rule, layer_seed
+from .state import unconvert
 
 log = logging.getLogger("biograd")
 
@@ -169,48 +169,6 @@ def convert(
     if verbose:
         print(report)
     return model
-
-
-def unconvert(model: nn.Module) -> nn.Module:
-    """Take ``model`` off its rules, in place: every converted layer becomes an instance of its
-    original class again with the same Parameter objects, the rules' state and the direct
-    feedback are removed, and ``model.state_dict()`` loads strictly into the plain architecture.
-    Returns ``model``."""
-    detach_hooks(model)
-    for module in model.modules():
-        if isinstance(module, FeedbackLayer):
-            module._modules.pop("rule", None)
-            module._modules.pop("direct_feedback", None)
-            module.__dict__.pop("feedback_exact", None)
-            module.__class__ = original_class(module)  # type: ignore[assignment]
-    return model
-
-
-def rule_keys(model: nn.Module) -> set[str]:
-    """The ``state_dict`` keys of ``model`` that hold rule state (not in the plain model)."""
-    prefixes = [
-        f"{n}." if n else ""
-        for n, m in model.named_modules()
-        if isinstance(m, (Rule, DirectFeedback))
-    ]
-    return {k for k in model.state_dict() if any(k.startswith(p) for p in prefixes)}
-
-
-def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``model.state_dict()`` without the rules' state: what the unconverted model would save."""
-    drop = rule_keys(model)
-    return {k: v for k, v in model.state_dict().items() if k not in drop}
-
-
-def load_plain(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
-    """Load the ``state_dict`` of the plain (unconverted) architecture into a converted model,
-    strictly: every plain key must be there and no other (``RuntimeError`` as
-    ``load_state_dict`` raises otherwise). The weights come in; the rules' state stays."""
-    merged = {k: v for k, v in model.state_dict().items() if k in rule_keys(model)}
-    extra = sorted(set(state_dict) & set(merged))
-    if extra:
-        raise RuntimeError(f"load_plain: {extra[:3]} are rule state, not plain weights")
-    model.load_state_dict({**merged, **state_dict}, strict=True)
 
 
 def converted_layers(model: nn.Module) -> Iterator[tuple[str, FeedbackLayer]]:
