@@ -180,9 +180,11 @@ def build(cfg: Config, rule: str, seed: int, in_shape: tuple[int, ...], classes:
         except (AttributeError, TypeError, ValueError) as e:
             raise ConfigError(f"bottleneck: {e}") from None
     r = cfg.rule
-    if rule == "bp" and not r.overrides and cfg.alignment.every == 0:
+    spec = get_rule(rule)
+    if spec.exact_input_grad and not spec.direct and not r.overrides and cfg.alignment.every == 0:
         return model  # autograd is backprop; converting would only add Python to every step
-    example = torch.zeros(2, *in_shape, device=cfg.device) if get_rule(rule).direct else None
+    # direct feedback is drawn at the first forward pass; draw it now, before DDP wraps the model
+    example = torch.zeros(2, *in_shape, device=cfg.device) if spec.direct else None
     try:
         return convert(
             model,
