@@ -267,3 +267,42 @@ def test_ddp_wrap_refuses_feedback_not_yet_drawn(monkeypatch) -> None:
     model = biograd.convert(cnn(), "dfa")
     with pytest.raises(FeedbackError, match="first forward pass"):
         distributed.wrap(model)
+
+
+class ProductFeedback(biograd.rules.Rule):
+    """A test rule in the shape of issue 17's pfa: B = P R with P fixed (out x 2) and R learned
+    (2 x in, another shape than W), R moved by ``update`` after each optimizer step."""
+
+    name = "test-product"
+    learned_feedback = updates_after_step = True
+    learned = ("r",)
+
+    def initial_state(self, like: Tensor) -> dict[str, Tensor]:
+        g = torch.Generator().manual_seed(self.seed)
+        return {
+            "p": torch.randn(like.shape[0], 2, generator=g),
+            "r": torch.randn(2, like.shape[1], generator=g),
+        }
+
+    def matrix(self, weight: Tensor, *state: Tensor) -> Tensor | None:
+        p, r = state
+        return p @ r
+
+    def update(self, layer: nn.Module) -> None:
+        with torch.no_grad():
+            self.get_parameter("r").mul_(0.5)
+
+
+def test_a_rule_with_learned_state_of_its_own_shape_and_a_post_step_update() -> None:
+    layer = biograd.nn.Linear(5, 3)
+    layer.rule = ProductFeedback(layer.weight, seed=1)
+    model = nn.Sequential(layer)
+    assert "0.rule.r" in dict(model.named_parameters()) and "0.rule.p" in model.state_dict()
+    x = torch.randn(4, 5, requires_grad=True)
+    g = torch.randn(4, 3)
+    model(x).backward(g)
+    b = layer.rule.p @ layer.rule.r
+    torch.testing.assert_close(x.grad, g @ b.detach())
+    torch.testing.assert_close(biograd.feedback_weight(layer), b.detach())
+    biograd.update_feedback(model)
+    assert torch.allclose(biograd.feedback_weight(layer), 0.5 * b.detach())

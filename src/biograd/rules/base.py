@@ -130,7 +130,9 @@ class Rule(nn.Module):
         self.seed, self.scheme = int(seed), scale
         self.std = feedback_std(weight, scale)
         self.shape = tuple(weight.shape)
-        for key, value in self.initial_state(weight.detach()).items():
+        state = self.initial_state(weight.detach())
+        self.state_names = tuple(state)
+        for key, value in state.items():
             if key in self.learned:
                 self.register_parameter(key, nn.Parameter(value, weight.requires_grad))
             else:
@@ -141,8 +143,8 @@ class Rule(nn.Module):
         return {}
 
     def pass_state(self, advance: bool) -> tuple[Tensor, ...]:
-        """What this forward pass's backward needs; ``advance``: a training pass (counters
-        move)."""
+        """What this forward pass's backward needs (default: the state, in the order of
+        :meth:`initial_state`); ``advance``: a training pass (counters move)."""
         return tuple(t for _, t in self._state())
 
     def last_state(self) -> tuple[Tensor, ...]:
@@ -161,9 +163,7 @@ class Rule(nn.Module):
         """One learning step of the feedback (rules with ``updates_after_step``)."""
 
     def _state(self) -> list[tuple[str, Tensor]]:
-        return [
-            (k, t) for k, t in [*self._parameters.items(), *self._buffers.items()] if t is not None
-        ]
+        return [(k, getattr(self, k)) for k in self.state_names]
 
     def reset_state(self) -> None:
         """Draw the state again from the seed, in place (Parameters stay the same objects)."""
