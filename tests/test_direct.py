@@ -706,3 +706,10 @@ def test_input_that_requires_grad_gets_the_first_layers_projection() -> None:
     b0 = engine_of(model).matrix("0")
     assert b0.shape == (8, 3)
     torch.testing.assert_close(x.grad, e @ b0.t())
+
+
+def test_adding_a_feedback_point_leaves_the_others_as_they_were() -> None:
+    one = primed(biograd.convert(mlp(), "dfa", seed=4, feedback_points=["1"]))
+    two = primed(biograd.convert(mlp(), "dfa", seed=4, feedback_points=["1", "3"]))
+    assert set(engine_of(one).sizes) == {"1"} and set(engine_of(two).sizes) == {"1", "3"}
+    assert torch.equal(engine_of(one).matrix("1"), engine_of(two).matrix("1"))
