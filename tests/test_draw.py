@@ -118,7 +118,7 @@ def test_brsf_b_has_the_draw_as_magnitude_and_the_sign_of_w() -> None:
         layer(torch.randn(2, 300)).sum().backward()
         b = biograd.feedback_weight(layer)
         w = layer.weight.detach()
-        expected = draw.magnitudes(w.shape, std, _key(layer.feedback_seed, step))
+        expected = draw.magnitudes(w.shape, std, _key(layer.rule.seed, step))
         torch.testing.assert_close(b.abs(), expected, rtol=1e-6, atol=0)
         assert torch.equal(torch.signbit(b), torch.signbit(w))
         nonzero = w != 0
