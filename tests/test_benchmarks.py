@@ -66,3 +66,33 @@ def test_direct_memory_quick(tmp_path: Path) -> None:
     assert direct_memory.main(["--quick", "--reps", "2", "--out", str(tmp_path)]) == 0
     text = next(tmp_path.glob("direct_memory*.md")).read_text()
     assert "hashed" in text and "dense" in text
+
+
+def test_fa_family_peak_is_backprops_plus_the_rules_state() -> None:
+    """Issue 16, item 2, on a small MLP: a rule's peak exceeds plain backprop's by at most its
+    own persistent state, plus brsf's transient bytes of one draw (a quarter of the largest
+    weight). A B saved from the forward pass to the backward pass would add every layer's."""
+    import copy
+
+    import biograd
+
+    common = _load("common")
+    torch.manual_seed(0)
+    base = common.mlp([64, 512, 512, 10])
+    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    largest = 512 * 512 * 4
+
+    def measure(rule: str) -> tuple[int, int]:
+        model = copy.deepcopy(base)
+        if rule != "bp":
+            biograd.convert(model, rule, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        t = common.Trainee(rule, model, opt)
+        common.train_step(t, x, y)
+        peak = common.peak_bytes(t, x, y)["peak"]
+        return peak, common.persistent_bytes(model, opt)
+
+    bp_peak, bp_state = measure("bp")
+    for rule in ("fa", "usf", "frsf", "brsf", "kp"):
+        peak, state = measure(rule)
+        assert peak - bp_peak <= state - bp_state + largest // 4, rule
