@@ -66,7 +66,7 @@ def test_bytes_are_identical_on_cuda() -> None:
 
 
 def test_bytes_are_uniform_and_independent_between_steps() -> None:
-    n = 1 << 20
+    n = 1 << 18
     a = draw.random_bytes(n, _key(1, 0)).long()
     b = draw.random_bytes(n, _key(1, 1)).long()
     for u in (a, b):
@@ -94,7 +94,7 @@ def test_draws_are_deterministic_and_differ_by_seed_and_step() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_magnitudes_mean_variance_and_support(dtype: torch.dtype) -> None:
-    std, n = 0.07, 1 << 20
+    std, n = 0.07, 1 << 18
     a = math.sqrt(3) * std
     r = draw.magnitudes((n,), std, _key(2, 4), dtype=dtype)
     assert r.dtype == dtype
