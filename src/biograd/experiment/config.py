@@ -255,7 +255,10 @@ class OptimConfig(Section):
     momentum: float = Field(default=0.9, ge=0, allow_inf_nan=False)
     nesterov: bool = False
     weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9,
+        0.999,
+    )
     manhattan: bool = False
     no_sign_change: bool = False
     weight_norm: bool = False
