@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -53,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="biograd",
         description="Train networks without weight transport: compare learning rules, train from "
         "a YAML config, reproduce a paper's grid, report a run directory.",
+        epilog=f"Errors are one line on stderr with exit status 2 (Ctrl-C: 130); set {DEBUG_ENV}=1 "
+        "to see the traceback instead.",
     )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -270,6 +273,10 @@ def _os_error(e: OSError) -> str:
     return f"{where}: {reason}" if where else reason
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kw: Any) -> None:
+    print(f"biograd: warning: {_one_line(str(message))}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``biograd`` command; returns the exit status.
 
@@ -278,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     command = ""
+    shown = warnings.showwarning
+    if not debug:  # warnings as one line each, like errors
+        warnings.showwarning = _show_warning
     try:
         try:
             args = _parser().parse_args(argv)
@@ -305,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         print(f"biograd: error: {_one_line(message)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -549,9 +549,8 @@ def _result_free(key: str, cfg: Config) -> bool:
 def prepare(cfg: Config, run_dir: Path, *, resume: bool) -> None:
     """Check that ``run_dir`` can take this run and write ``config.yaml`` (before anything else
     is written): a fresh run needs an unused directory; a resumed one the same config, keys that
-    cannot change the result (``out``, ``plots``, the data root of a data set whose files are
-    embedded or checksum-verified, ...)
-    aside. Call with the run's lock held."""
+    cannot change the result aside (``out``, ``plots``, the data root of a data set whose files
+    are embedded or checksum-verified, ...). Call with the run's lock held."""
     saved = run_dir / "config.yaml"
     if (run_dir / "grid.yaml").exists():
         raise ConfigError(
