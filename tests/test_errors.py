@@ -208,6 +208,22 @@ def test_read_only_output_folder_is_one_line(tmp_path, capsys):
     assert "Permission denied" in err
 
 
+def test_unwritable_checkpoint_folder_is_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
+    # what a read-only checkpoints/ folder raises (simulated: root ignores file permissions)
+    import biograd.experiment.trainer as trainer
+
+    def refuse(state, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(trainer, "save_checkpoint", refuse)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**CONFIG, "rules": ["bp"]}))
+    err = one_line_error(capsys, ["train", str(tmp_path / "c.yaml"), f"out={tmp_path / 'run'}"])
+    assert (
+        err
+        == f"biograd: error: {tmp_path / 'run' / 'checkpoints' / 'bp-seed0.pt'}: Permission denied\n"
+    )
+
+
 def test_ctrl_c_is_one_line_with_status_130_and_a_hint_per_command(monkeypatch, capsys, tmp_path):
     import biograd.experiment.trainer as trainer
 
