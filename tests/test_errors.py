@@ -248,8 +248,8 @@ def test_ctrl_c_while_importing_is_one_line(tmp_path):
     # a SIGINT as soon as the interpreter runs the entry point, i.e. while torch imports
     code = (
         "import os, signal, sys, threading\n"
-        "threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
         "import biograd_entry\n"
+        "threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
         "sys.exit(biograd_entry.main())\n"
     )
     env = {**os.environ, "PYTHONPATH": str(SRC)}
@@ -286,7 +286,7 @@ def _writer(out: Path, epochs: int) -> subprocess.Popen:
 
 def _wait_for_lock(out: Path, proc: subprocess.Popen) -> None:
     """Until ``proc`` holds the run's lock and has written a metrics row."""
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         lock, metrics = out / ".lock", out / "metrics.csv"
         if lock.exists() and lock.read_text().strip() == str(proc.pid) and metrics.exists():
