@@ -160,13 +160,14 @@ def _compare(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         overrides=args.overrides,
     )
+    cfg.check_rule_options()
     return _run_and_finish(cfg, Path(cfg.out or args.out), resume=True)
 
 
 def _train(args: argparse.Namespace) -> int:
     from .experiment.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides).check_rule_options()
     return _run_and_finish(cfg, Path(cfg.out or Path("runs") / Path(args.config).stem), args.resume)
 
 

@@ -379,10 +379,20 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _rule_overrides_valid(self) -> Config:
-        self.rule.check_used(self.run_rules())
         for rule in self.rule_overrides:
             known_rule(rule)
             self.for_rule(rule)
+        return self
+
+    def check_rule_options(self) -> Config:
+        """``ConfigError`` for a ``rule`` option that none of the config's rules uses (e.g.
+        ``rule.layout`` without a direct rule): a setting that would be silently ignored.
+        Checked where a config names all the rules it runs (``train``, ``compare``, a grid's
+        setting), not on a grid cell's one-rule config."""
+        try:
+            self.rule.check_used(self.run_rules())
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return self
 
     def for_rule(self, rule: str) -> Config:

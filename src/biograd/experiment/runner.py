@@ -167,7 +167,7 @@ def cell_configs(spec: Spec, scale: str, data_dir: str | None = None) -> dict[st
         if data_dir is not None:
             items.append(("data.root", data_dir))
         try:
-            out[setting] = validate(apply_overrides(spec.base, items))
+            out[setting] = validate(apply_overrides(spec.base, items)).check_rule_options()
         except ConfigError as e:
             raise ConfigError(f"setting {setting!r}: {e}") from None
     return out
