@@ -238,7 +238,8 @@ class RuleConfig(Section):
             raise ValueError(f"rule.scale is not used by {', '.join(sorted(used))}")
 
 
-def _one_of(key: str, value: str, valid: Sequence[str]) -> str:
+def _one_of(key: str, value: str, valid: Iterable[str]) -> str:
+    valid = list(valid)  # a tuple of names, or a registry keyed by name
     if value not in valid:
         raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(valid)}")
     return value
