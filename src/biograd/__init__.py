@@ -11,6 +11,7 @@ from . import nn as nn
 from . import optim as optim
 from . import rules as rules
 from .alignment import AlignmentMonitor, gradient_alignment, weight_alignment
+from .calls import Call, targets_from_batch
 from .convert import (
     ConversionReport,
     conversion_report,
@@ -55,6 +56,7 @@ __version__ = "0.1.0"
 __all__ = [
     "RULES",
     "AlignmentMonitor",
+    "Call",
     "CompareResult",
     "ConversionReport",
     "DataSplits",
@@ -72,6 +74,7 @@ __all__ = [
     "rules_of",
     "set_loss_scale",
     "set_targets",
+    "targets_from_batch",
     "unconvert",
     "update_feedback",
     "weight_alignment",

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..convert import converted_layers, exact, needs_targets, set_targets
+from ..calls import TARGET_KEY, Call, LossCall, LossFn
+from ..convert import converted_layers, exact, needs_targets
 from ..direct import DirectFeedback
 from ..nn.layers import FeedbackLayer
 from ..rules.base import Rule
@@ -19,8 +20,6 @@ from .weights import _Pairs, _same_dtype, _wide
 
 NETWORK = "<network>"
 """Layer name of the whole-network row of :func:`gradient_alignment`."""
-
-LossFn = Callable[[Any, Any], Tensor]
 
 
 # --------------------------------------------------------------------------- gradient alignment
@@ -115,15 +114,12 @@ def _delta_hooks(
     return [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
 
 
-def _run_pass(setup: _Setup, loss_fn: LossFn, inputs: Any, targets: Any) -> _Pass:
+def _run_pass(setup: _Setup, batch: LossCall) -> _Pass:
     deltas: dict[str, list[Tensor | None]] = {name: [] for name in setup.layers}
     handles = _delta_hooks(setup.layers, deltas)
     try:
-        if setup.needs_targets:
-            set_targets(setup.model, targets)
-        args = inputs if isinstance(inputs, tuple) else (inputs,)
         with torch.enable_grad():
-            loss = loss_fn(setup.model(*args), targets)
+            loss = batch(setup.model)
             grads = torch.autograd.grad(loss, setup.params, allow_unused=True)
     finally:
         for h in handles:
@@ -157,12 +153,12 @@ class _Setup:
         return cls(model, layers, params, weights, needs_targets(model))
 
 
-def _exact_pass(setup: _Setup, loss_fn: LossFn, inputs: Any, targets: Any) -> _Pass:
+def _exact_pass(setup: _Setup, batch: LossCall) -> _Pass:
     """Backprop's side of a measurement, leaving the model's state as found."""
     snap = _Snapshot.take(setup.model)
     try:
         with exact(setup.model):
-            return _run_pass(setup, loss_fn, inputs, targets)
+            return _run_pass(setup, batch)
     finally:
         snap.restore()
 
@@ -187,7 +183,13 @@ def _delta_cosines(rule: list[Tensor | None], bp: list[Tensor | None]) -> tuple[
 
 
 def gradient_alignment(
-    model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any
+    model: nn.Module,
+    loss_fn: LossFn | None = None,
+    inputs: Any = None,
+    targets: Any = None,
+    *,
+    closure: Callable[[], Any] | None = None,
+    target_key: str | int | None = TARGET_KEY,
 ) -> dict[str, dict[str, float]]:
     """How far the rule's updates are from backprop's on one batch, layer by layer.
 
@@ -198,13 +200,21 @@ def gradient_alignment(
     ``.grad``, buffer (batch-norm statistics included), the torch RNG states (CPU, and CUDA
     when initialised), brsf steps, each layer's last feedback and the direct-feedback engine's
     pending state are as they were. Direct rules that need targets (``drtp``) get ``targets``
-    through ``biograd.set_targets`` before each forward pass.
+    (or the batch's ``target_key`` entry) through ``biograd.set_targets`` before each forward.
 
     Args:
         model: a model converted with ``biograd.convert``, in train or eval mode.
-        loss_fn: ``loss_fn(model(inputs), targets)`` returns the scalar loss.
-        inputs: a tensor, or a tuple of positional inputs.
-        targets: whatever ``loss_fn`` takes as its second argument.
+        loss_fn: ``loss_fn(output, targets)`` returns the scalar loss of the model's output
+            (``loss_fn(output, inputs)`` when ``targets`` is None); None reads the loss off the
+            output, ``output.loss`` or ``output["loss"]`` (a Hugging Face model given labels).
+        inputs: the batch: a tensor (one positional input), a tuple of positional inputs, a
+            mapping of keyword inputs (a Hugging Face batch), or a ``biograd.Call``.
+        targets: whatever ``loss_fn`` takes as its second argument; None for the batch.
+        closure: instead of ``loss_fn`` and ``inputs``, a function that runs the forward pass
+            and returns the loss (or an output carrying it), e.g. a Lightning module's
+            ``lambda: module.training_step(batch, 0)``.
+        target_key: the batch entry that holds ``drtp``'s targets when ``targets`` is None: a
+            keyword (str, ``labels`` by default) or positional index (int).
 
     Returns:
         Per converted layer ``{"angle", "delta_cos_mean", "delta_cos_std"}``: the angle in
@@ -215,13 +225,14 @@ def gradient_alignment(
         (Kolen-Pollack's feedback excluded). NaN where a quantity is undefined (a zero
         gradient, e.g. the hidden layers of ``shallow``).
     """
+    batch = LossCall(loss_fn, inputs, targets, closure=closure, target_key=target_key)
     setup = _Setup.of(model)
     snap = _Snapshot.take(model)
     try:
-        rule = _run_pass(setup, loss_fn, inputs, targets)
+        rule = _run_pass(setup, batch)
         snap.rewind()
         with exact(model):
-            bp = _run_pass(setup, loss_fn, inputs, targets)
+            bp = _run_pass(setup, batch)
     finally:
         snap.restore()
     return _compare(setup, rule, bp)
@@ -256,22 +267,24 @@ def _compare(setup: _Setup, rule: _Pass, bp: _Pass) -> dict[str, dict[str, float
 class _Capture:
     """The rule's side of a measurement, read off the training step that follows it: armed by
     :meth:`AlignmentMonitor.measure` with ``reuse_step=True``, it records the deltas and the
-    parameter gradients of the first forward/backward pass of the model whose first input is
-    the measured batch."""
+    parameter gradients of the first forward/backward pass of the model whose first tensor
+    argument (positional, else keyword) is that of the measured batch."""
 
-    def __init__(self, setup: _Setup, inputs: Any) -> None:
+    def __init__(self, setup: _Setup, batch: LossCall) -> None:
         self.setup = setup
-        self.first = inputs[0] if isinstance(inputs, tuple) else inputs
+        self.first = batch.first_tensor()
         self.deltas: dict[str, list[Tensor | None]] = {name: [] for name in setup.layers}
         self.grads: list[Tensor | None] = [None] * len(setup.params)
         self.matched = False
-        self.handles: list[Any] = [setup.model.register_forward_pre_hook(self._pre)]
+        self.handles: list[Any] = [
+            setup.model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        ]
 
-    def _pre(self, module: nn.Module, args: Any) -> None:
+    def _pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
-        if not (args and args[0] is self.first and torch.is_grad_enabled()):
+        if not (Call(*args, **kwargs).first_tensor() is self.first and torch.is_grad_enabled()):
             return
         self.matched = True
         self.handles = _delta_hooks(self.setup.layers, self.deltas)

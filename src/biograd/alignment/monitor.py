@@ -6,12 +6,13 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..calls import TARGET_KEY, LossCall
 from ..convert import converted_layers
 from .gradients import LossFn, _Capture, _exact_pass, _Pass, _Setup, gradient_alignment
 from .weights import weight_alignment
@@ -43,8 +44,10 @@ class AlignmentMonitor:
     a training loop and appends the rows to ``alignment.csv`` (columns :data:`CSV_COLUMNS`) and,
     when the ``tensorboard`` package is installed, to a TensorBoard log.
 
-    Call :meth:`maybe_measure` once per step with the step's batch. With ``every=0`` (or on a
-    step that is not a multiple of ``every``) it returns at once: one comparison.
+    Call :meth:`maybe_measure` once per step with the step's batch (any batch
+    :func:`gradient_alignment` takes: a tensor, positional inputs, a Hugging Face dict; or a
+    ``closure`` that runs the forward pass and returns the loss). With ``every=0`` (or on a step
+    that is not a multiple of ``every``) it returns at once: one comparison.
 
     Two ways to get the rule's side of the gradient comparison:
 
@@ -54,14 +57,15 @@ class AlignmentMonitor:
     - ``reuse_step=True``: only backprop's pass runs at the call; the rule's deltas and gradients
       are read (by hooks, without copies of the model) off the training step's own
       forward/backward pass, which must come next and take the same ``inputs`` object as its
-      first argument: call ``maybe_measure`` right before the training forward pass. The RNG
+      first tensor argument: call ``maybe_measure`` right before the training forward pass. The RNG
       and brsf state are restored before that pass, so its dropout masks and ``B_t`` are those
       backprop's pass used. The gradient rows are written at the next call of
       ``maybe_measure`` (or at :meth:`close`). This halves the cost of a measurement.
 
     Args:
         model: the converted model being trained.
-        loss_fn: ``loss_fn(model(inputs), targets)``, as in training.
+        loss_fn: ``loss_fn(output, targets)``, as in training (``targets`` None: the batch);
+            None reads ``output.loss`` (see :func:`gradient_alignment`).
         every: measure when ``step % every == 0``; 0 or less turns the monitor off.
         csv_path: file to append rows to (header written when the file is new or empty).
         tensorboard_dir: directory of a TensorBoard event file; ignored (with a warning) when
@@ -69,20 +73,24 @@ class AlignmentMonitor:
         tags: values of the ``rule`` and ``seed`` columns (default: the model's most common
             rule, and an empty seed).
         reuse_step: see above.
+        target_key: where ``drtp``'s targets are in a batch without ``targets`` (see
+            :func:`gradient_alignment`).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
+        loss_fn: LossFn | None = None,
         every: int = 100,
         csv_path: str | Path | None = None,
         tensorboard_dir: str | Path | None = None,
         tags: Mapping[str, Any] | None = None,
         reuse_step: bool = False,
+        target_key: str | int | None = TARGET_KEY,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
+        self.target_key = target_key
         self.every = int(every)
         self.csv_path = Path(csv_path) if csv_path is not None else None
         self.reuse_step = reuse_step
@@ -104,7 +112,13 @@ class AlignmentMonitor:
         return self.every > 0
 
     def maybe_measure(
-        self, step: int, epoch: int, inputs: Any, targets: Any
+        self,
+        step: int,
+        epoch: int,
+        inputs: Any = None,
+        targets: Any = None,
+        *,
+        closure: Callable[[], Any] | None = None,
     ) -> list[dict[str, Any]]:
         """Measure on this batch if ``step`` is a multiple of ``every``; return the rows written
         by this call (empty otherwise)."""
@@ -113,9 +127,17 @@ class AlignmentMonitor:
         rows = self._finish() if self._pending is not None else []
         if step % self.every:
             return rows
-        return rows + self.measure(step, epoch, inputs, targets)
+        return rows + self.measure(step, epoch, inputs, targets, closure=closure)
 
-    def measure(self, step: int, epoch: int, inputs: Any, targets: Any) -> list[dict[str, Any]]:
+    def measure(
+        self,
+        step: int,
+        epoch: int,
+        inputs: Any = None,
+        targets: Any = None,
+        *,
+        closure: Callable[[], Any] | None = None,
+    ) -> list[dict[str, Any]]:
         """Measure now and write the rows: one ``weight`` row per layer with a feedback matrix,
         one ``gradient`` row per converted layer, and a ``gradient`` row for ``<network>``
         (with ``reuse_step``, the gradient rows come at the next call)."""
@@ -123,12 +145,18 @@ class AlignmentMonitor:
             self._finish()
         base = {"rule": self.rule, "seed": self.seed, "epoch": epoch, "step": step}
         rows = self._rows(base, "weight", weight_alignment(self.model))
+        batch = LossCall(self.loss_fn, inputs, targets, closure=closure, target_key=self.target_key)
         if self.reuse_step:
+            if batch.first_tensor() is None:
+                raise ValueError("reuse_step=True needs the batch's inputs, not a closure")
             setup = _Setup.of(self.model)
-            bp = _exact_pass(setup, self.loss_fn, inputs, targets)
-            self._pending = (base, _Capture(setup, inputs), bp)
+            bp = _exact_pass(setup, batch)
+            self._pending = (base, _Capture(setup, batch), bp)
         else:
-            grad = gradient_alignment(self.model, self.loss_fn, inputs, targets)
+            grad = gradient_alignment(
+                self.model, self.loss_fn, inputs, targets, closure=closure,
+                target_key=self.target_key,
+            )  # fmt: skip
             rows += self._rows(base, "gradient", grad)
         self._write(rows)
         return rows
