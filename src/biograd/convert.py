@@ -18,10 +18,12 @@ from torch import Tensor, nn
 from .direct import DirectFeedback
 from .direct.plan import attach, match, points_of
 from .nn.layers import (
-    CONVERTIBLE,
     FeedbackLayer,
     convertible,
     feedback_class,
+    is_convertible_kind,
+    linear_weight,
+    module_layout,
     set_rule,
 )
 from .rules.base import SCALES, Rule, get_rule, layer_seed
@@ -45,6 +47,10 @@ class ConversionReport:
     exact: dict[str, str] = field(default_factory=dict)
     output: str | None = None
     feedback_points: list[str] = field(default_factory=list)
+    unconverted_matrices: list[str] = field(default_factory=list)
+    """Modules that hold a weight matrix (a parameter named ``*weight`` with two or more
+    dimensions; embeddings aside) but were neither converted nor excluded: their input gradient
+    is backprop's, through the transpose of that matrix. ``convert`` warns about them."""
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} layer(s):"]
@@ -57,7 +63,20 @@ class ConversionReport:
         if self.exact:
             lines.append("exact gradients (not converted):")
             lines.extend(f"  {name:<{width}}  {why}" for name, why in self.exact.items())
+        if self.unconverted_matrices:
+            lines.append("WARNING: " + self.warning())
         return "\n".join(lines)
+
+    def warning(self) -> str:
+        """One line naming the :attr:`unconverted_matrices` (empty if there are none)."""
+        if not self.unconverted_matrices:
+            return ""
+        return (
+            f"{len(self.unconverted_matrices)} module(s) hold a weight matrix but were not "
+            f"converted, so backprop carries the error through them: "
+            f"{', '.join(self.unconverted_matrices)} (a linear-like type converts once registered "
+            "with biograd.nn.register_linear_like)"
+        )
 
 
 def _plan(
@@ -169,6 +188,8 @@ def convert(
     log.info("%s", report)
     if verbose:
         print(report)
+    if report.unconverted_matrices:
+        warnings.warn(f"biograd.convert: {report.warning()}", stacklevel=2)
     return model
 
 
@@ -227,11 +248,13 @@ def conversion_report(model: nn.Module) -> ConversionReport:
     report = ConversionReport(feedback_points=points_of(model))
     parents = dict(model.named_modules())
     for name, module in model.named_modules():
+        if _holds_matrix(module) and not _excluded(name, module, parents):
+            report.unconverted_matrices.append(name or "<root>")
         if isinstance(module, FeedbackLayer):
             report.converted[name or "<root>"] = module.feedback_rule
             if "direct_feedback" in module._modules:
                 report.output = name
-        elif isinstance(module, CONVERTIBLE):
+        elif is_convertible_kind(module):
             why = convertible(name, module, parents)
             report.exact[name or "<root>"] = why or f"{type(module).__name__} (excluded)"
         elif isinstance(module, _EXACT_KINDS) or any(
@@ -239,6 +262,21 @@ def conversion_report(model: nn.Module) -> ConversionReport:
         ):
             report.exact[name or "<root>"] = f"{type(module).__name__} (autograd)"
     return report
+
+
+def _holds_matrix(module: nn.Module) -> bool:
+    """A module that is not converted and owns a weight matrix that is not an embedding table
+    (a lookup has no input gradient, so nothing is transported)."""
+    if isinstance(module, (FeedbackLayer, nn.Embedding, nn.EmbeddingBag, Rule, DirectFeedback)):
+        return False
+    return any(
+        n.endswith("weight") and p.dim() >= 2 for n, p in module.named_parameters(recurse=False)
+    )
+
+
+def _excluded(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> bool:
+    """A convertible module left plain on purpose (``exclude``)."""
+    return is_convertible_kind(module) and convertible(name, module, parents) is None
 
 
 @contextlib.contextmanager
@@ -288,8 +326,8 @@ def feedback_weight(layer: nn.Module) -> Tensor | None:
     rule = layer.rule
     if not rule.direct:
         with torch.no_grad():
-            b = rule.matrix(layer.weight.detach(), *rule.last_state())
-        return layer.weight.detach() if b is None else b.detach()
+            b = rule.matrix(linear_weight(layer).detach(), *rule.last_state())
+        return layer.weight.detach() if b is None else module_layout(layer, b).detach()
     engine, name = served_by(layer)
     key = next((p for p, t in engine.trains.items() if t == name), None)
     return None if key is None or key not in engine.sizes else engine.matrix(key).detach()

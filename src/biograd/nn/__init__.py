@@ -11,7 +11,9 @@ from .layers import (
     FeedbackConv3d,
     FeedbackLayer,
     FeedbackLinear,
+    LinearLike,
     feedback_class,
+    register_linear_like,
 )
 
 Linear = FeedbackLinear
@@ -21,6 +23,6 @@ Conv3d = FeedbackConv3d
 
 __all__ = [
     "Conv1d", "Conv2d", "Conv3d", "ConvFeedback", "FeedbackConv1d", "FeedbackConv2d",
-    "FeedbackConv3d", "FeedbackLayer", "FeedbackLinear", "Linear", "LinearFeedback", "conv",
-    "feedback_class", "linear",
+    "FeedbackConv3d", "FeedbackLayer", "FeedbackLinear", "Linear", "LinearFeedback", "LinearLike",
+    "conv", "feedback_class", "linear", "register_linear_like",
 ]  # fmt: skip

@@ -11,6 +11,8 @@ holds them. ``biograd.nn.Linear(3, 4, rule="fa")`` builds one directly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,11 +26,78 @@ CONVERTIBLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.
 _STOCK_FORWARD = {cls.forward for cls in CONVERTIBLE}
 
 
+@dataclass(frozen=True)
+class LinearLike:
+    """How a third-party module that computes a linear map maps onto biograd's linear op.
+
+    The module must have ``weight`` and ``bias`` (or ``bias = None``) and compute
+    ``y = x W^T + b`` with ``W = weight`` (``transposed=False``, ``nn.Linear``'s layout
+    ``(out, in)``) or ``W = weight^T`` (``transposed=True``: ``weight`` is ``(in, out)`` and
+    ``y = x weight + b``, as transformers' ``Conv1D`` of GPT-2). The rule sees ``W`` in the
+    ``(out, in)`` layout (its B and scale are those of a Linear layer of that shape);
+    ``biograd.feedback_weight`` returns B in the module's own layout, shaped like ``weight``.
+    """
+
+    transposed: bool = False
+
+    def linear_weight(self, weight: Tensor) -> Tensor:
+        """``W`` in the ``(out, in)`` layout (a view of ``weight``)."""
+        return weight.t() if self.transposed else weight
+
+    def module_layout(self, matrix: Tensor) -> Tensor:
+        """A matrix in the ``(out, in)`` layout, in the module's layout (shaped like ``weight``)."""
+        return matrix.t() if self.transposed else matrix
+
+
+_LINEAR_LIKE: dict[type[nn.Module] | str, LinearLike] = {
+    "transformers.pytorch_utils.Conv1D": LinearLike(transposed=True),
+}
+
+
+def register_linear_like(cls: type[nn.Module] | str, spec: LinearLike) -> None:
+    """Let ``biograd.convert`` convert instances of ``cls`` (a class, or its qualified name
+    ``"package.module.Class"`` so that the package need not be imported) as linear layers, as
+    ``spec`` describes. Subclasses that override ``forward`` are left alone (and reported)."""
+    _LINEAR_LIKE[cls] = spec
+
+
+def linear_like(cls: type[nn.Module]) -> tuple[LinearLike, Callable[..., Any]] | None:
+    """The spec of a registered linear-like class (or base class) and its stock forward."""
+    for base in cls.__mro__:
+        spec = _LINEAR_LIKE.get(base) or _LINEAR_LIKE.get(f"{base.__module__}.{base.__qualname__}")
+        if spec is not None:
+            return spec, base.forward  # type: ignore[attr-defined]
+    return None
+
+
+def is_convertible_kind(module: nn.Module) -> bool:
+    """True for the module types ``biograd.convert`` converts: Linear, Conv1d/2d/3d and the
+    registered linear-like types (:func:`register_linear_like`)."""
+    return isinstance(module, CONVERTIBLE) or linear_like(type(module)) is not None
+
+
+def linear_weight(layer: nn.Module) -> Tensor:
+    """The weight a layer's rule sees: ``layer.weight``, or for a transposed linear-like module
+    its ``(out, in)`` view."""
+    spec = linear_like(type(layer))
+    w: Tensor = layer.weight  # type: ignore[assignment]
+    return w if spec is None else spec[0].linear_weight(w)
+
+
+def module_layout(layer: nn.Module, matrix: Tensor) -> Tensor:
+    """A matrix shaped like :func:`linear_weight` of ``layer``, in the layout of ``layer.weight``."""
+    spec = linear_like(type(layer))
+    return matrix if spec is None else spec[0].module_layout(matrix)
+
+
 def convertible(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> str | None:
     """None if ``module`` (named ``name`` among ``parents``) can be converted, else why not."""
+    cls = original_class(module) if isinstance(module, FeedbackLayer) else type(module)
+    spec = linear_like(cls)
+    if spec is not None:
+        return None if cls.forward is spec[1] else f"{cls.__name__} overrides forward"
     if not isinstance(module, CONVERTIBLE):
         return "not a Linear or Conv layer"
-    cls = original_class(module) if isinstance(module, FeedbackLayer) else type(module)
     if cls.forward not in _STOCK_FORWARD:
         return f"{cls.__name__} overrides forward"
     if isinstance(parents.get(name.rpartition(".")[0]), nn.MultiheadAttention):
@@ -41,7 +110,7 @@ def set_rule(layer: nn.Module, rule: str, seed: int | None = None, scale: str = 
     global RNG (as torch's own initialisation does)."""
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
-    r = get_rule(rule)(layer.weight, seed, scale)  # type: ignore[arg-type]
+    r = get_rule(rule)(linear_weight(layer), seed, scale)
     layer.rule = r
     return r
 
@@ -83,6 +152,8 @@ class FeedbackLayer(nn.Module):
         layer: Any = self
         if isinstance(self, nn.Linear):
             return BF.linear(x, layer.weight, layer.bias, rule, state)
+        if not isinstance(self, nn.modules.conv._ConvNd):  # a registered linear-like type
+            return BF.linear(x, linear_weight(self), layer.bias, rule, state)
         conv = layer
         padding = conv.padding
         if conv.padding_mode != "zeros":

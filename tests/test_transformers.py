@@ -1,0 +1,185 @@
+"""biograd on tiny randomly initialised transformers models (no download): every linear-like layer
+converted (GPT-2's Conv1D included) or reported, fa's input gradients through B, dfa training
+every layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import biograd
+
+transformers = pytest.importorskip("transformers")
+VOCAB, SEQ, N = 64, 6, 3
+
+
+def _gpt2() -> nn.Module:
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _bert() -> nn.Module:
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def _llama() -> nn.Module:
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _t5() -> nn.Module:
+    cfg = transformers.T5Config(
+        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+        num_heads=2, dropout_rate=0.0, decoder_start_token_id=0,
+    )  # fmt: skip
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+def _vit() -> nn.Module:
+    cfg = transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return transformers.ViTForImageClassification(cfg)
+
+
+def _batch(kind: str) -> dict[str, Tensor]:
+    ids = torch.randint(0, VOCAB, (N, SEQ))
+    if kind in ("gpt2", "llama"):
+        return {"input_ids": ids, "labels": ids}
+    if kind == "bert":
+        return {"input_ids": ids, "labels": torch.arange(N) % 3}
+    if kind == "t5":  # equal source and target lengths (unequal ones: not supported under dfa)
+        return {"input_ids": ids, "labels": torch.randint(0, VOCAB, (N, SEQ))}
+    return {"pixel_values": torch.randn(N, 3, 8, 8), "labels": torch.arange(N) % 3}
+
+
+MODELS = {"gpt2": _gpt2, "bert": _bert, "llama": _llama, "t5": _t5, "vit": _vit}
+
+
+def _converted(kind: str, rule: str) -> nn.Module:
+    model = MODELS[kind]()
+    if not direct(rule):
+        return biograd.convert(model, rule, seed=1)
+    if kind in ("gpt2", "llama", "t5"):  # per-token outputs
+        return biograd.convert(model, rule, seed=1, batch_dims=2)
+    example = {k: v for k, v in _batch(kind).items() if k != "labels"}
+    return biograd.convert(model, rule, seed=1, example_input=next(iter(example.values())))
+
+
+def direct(rule: str) -> bool:
+    return biograd.get_rule(rule).direct
+
+
+def _matrices(model: nn.Module) -> list[str]:
+    """Modules with a weight matrix that carries an error down (embedding tables aside)."""
+    return [
+        n
+        for n, m in model.named_modules()
+        if not isinstance(m, (nn.Embedding, biograd.rules.Rule))
+        and any(k.endswith("weight") and p.dim() >= 2 for k, p in m.named_parameters(recurse=False))
+    ]
+
+
+@pytest.mark.parametrize("rule", ["fa", "dfa"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_every_linear_like_layer_of_a_transformer_converts(kind: str, rule: str) -> None:
+    model = _converted(kind, rule)
+    report = biograd.conversion_report(model)
+    assert report.unconverted_matrices == []
+    assert set(_matrices(model)) == set(report.converted)
+
+
+def test_unconverted_weight_matrices_are_warned_about() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.mixer_weight = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.proj(x) @ self.mixer_weight
+
+    with pytest.warns(UserWarning, match="weight matrix but were not converted.*<root>"):
+        biograd.convert(Odd(), "fa")
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_fa_input_gradient_of_every_layer_is_delta_times_b(kind: str) -> None:
+    model = _converted(kind, "fa")
+    seen: dict[str, dict[str, Tensor]] = {}
+
+    def pre(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> Any:
+            x = args[0]
+            if not x.requires_grad:  # the model's input (ViT's patch embedding)
+                return None
+            x = x.view_as(x)  # its own node: the gradient of this layer's input alone
+            x.register_hook(lambda g: seen[name].__setitem__("dx", g))
+            return (x, *args[1:])
+
+        return hook
+
+    def post(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, out: Tensor) -> None:
+            seen[name] = {}
+            out.register_hook(lambda g: seen[name].__setitem__("delta", g))
+
+        return hook
+
+    layers = dict(biograd.converted_layers(model))
+    for name, layer in layers.items():
+        layer.register_forward_hook(post(name))
+        layer.register_forward_pre_hook(pre(name))
+    model(**_batch(kind)).loss.backward()
+    checked = 0
+    for name, layer in layers.items():
+        got = seen.get(name, {})
+        if "dx" not in got or isinstance(layer, nn.modules.conv._ConvNd):
+            continue
+        b, w = biograd.feedback_weight(layer), layer.weight.detach()
+        if type(layer).__name__ == "FeedbackConv1D":  # (in, out) layout: y = x W + b
+            b, w = b.t(), w.t()
+        torch.testing.assert_close(got["dx"], got["delta"] @ b, msg=name)
+        assert not torch.allclose(got["dx"], got["delta"] @ w, atol=1e-6), name
+        checked += 1
+    assert checked >= len(layers) - 2
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_dfa_trains_every_layer_of_a_transformer(kind: str) -> None:
+    model = _converted(kind, "dfa")
+    batch = _batch(kind)
+    model(**batch).loss.backward()
+    rule = {n: m.weight.grad.clone() for n, m in biograd.converted_layers(model)}
+    model.zero_grad()
+    with biograd.exact(model):
+        model(**batch).loss.backward()
+    bp = {n: m.weight.grad.clone() for n, m in biograd.converted_layers(model)}
+    output = biograd.conversion_report(model).output
+    modules = dict(model.named_modules())
+    tied = any(  # the output layer's weight is also an embedding table (gpt2, t5)
+        getattr(m, "weight", None) is modules[output].weight
+        for n, m in modules.items()
+        if n != output
+    )
+    for name, g in rule.items():
+        assert g.abs().sum() > 0, f"{name} got no gradient"
+        if name == output and not tied:
+            torch.testing.assert_close(g, bp[name])  # the output layer: the true error
+    assert any(not torch.allclose(rule[n], bp[n]) for n in rule if n != output)
