@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..rules.base import get_rule
+from ..rules.base import get_rule, in_backward
 from ..rules.direct import NO_TARGETS, DirectRule, FeedbackError
 
 NORMS = ("launay", "fan_in", "fan_out", "none")
@@ -92,6 +92,10 @@ class DirectFeedback(nn.Module):
         self.targets: Tensor | None = None
         self.trains: dict[str, str] = {}
         self.last_layer = ""
+        # The projected signal s(e) of the backward pass in progress, for the points that
+        # activation checkpointing records while it recomputes a segment (reentrant mode).
+        self.signal: Tensor | None = None
+        self.served: set[str] = set()  # the points that signal was projected onto
         # The factor by which the loss was scaled before backward (fp16 GradScaler): sdfa's and
         # drtp's signals do not carry it, so the engine multiplies them by it.
         self.loss_scale = 1.0
@@ -194,7 +198,33 @@ class DirectFeedback(nn.Module):
         if self.last_layer:
             self.trains[key] = self.last_layer
         self.points.append(_Point(key, x))
+        if in_backward() and key not in self.served:
+            # A checkpointed segment recomputed in the backward pass whose first forward ran
+            # without autograd (reentrant checkpointing), so the output's backward, which has
+            # run, could not serve this point: it takes its projection of s(e) now.
+            # (Non-reentrant checkpointing served the point in that backward already and uses
+            # the recomputed tensors as saved values only: detached, as in the forward.)
+            late: Tensor = _Receive.apply(x, self, key)
+            return late
         return x.detach()
+
+    def late_projection(self, key: str, shape: torch.Size) -> Tensor | None:
+        """``B_k s(e)`` for point ``key`` of ``shape`` from the signal of the backward pass in
+        progress (None for ``shallow`` or before any backward pass)."""
+        s = self.signal
+        if s is None:
+            return None
+        bd = self.batch_dims
+        if features(shape[:bd], 0) != s.shape[0]:
+            raise FeedbackError(
+                f"feedback point {key!r} recomputed with shape {tuple(shape)}: its sample "
+                f"dimensions differ from the output's ({s.shape[0]} rows, batch_dims={bd})"
+            )
+        d = features(shape, bd)
+        classes = self.classes
+        assert classes is not None
+        self.materialise({key: d}, classes, s)
+        return self.project_signal(s, [key], [d])[0].reshape(shape)
 
     def inject(self, out: Tensor) -> Tensor:
         """Route the output through the node that, in backward, projects its gradient onto the
@@ -232,18 +262,20 @@ class DirectFeedback(nn.Module):
         """``B_k s(e)`` flattened per sample for each point ``k`` (``None`` for ``shallow``)."""
         rows = features(e.shape[: self.batch_dims], 0)
         s = self.rule.signal(e.reshape(rows, -1), targets)
+        self.signal, self.served = None, set(keys)
         if s is None:
             return [None] * len(keys)
         if self.rule.scale_free and self.loss_scale != 1.0:
             s = s * self.loss_scale
         dtype = next(b.dtype for b in self.buffers() if b.is_floating_point())
         ds = [features(shape, self.batch_dims) for shape in shapes]
-        return list(self.project_signal(s.to(dtype), keys, ds))
+        self.signal = s.to(dtype)
+        return list(self.project_signal(self.signal, keys, ds))
 
     # Hooks are bound methods (not closures) so that ``copy.deepcopy`` and pickle of a model
     # rebind them to the copy's engine.
     def clear_hook(self, module: nn.Module, args: Any) -> None:
-        self.points, self.last_layer = [], ""
+        self.points, self.last_layer, self.signal, self.served = [], "", None, set()
 
     def input_hook(self, key: str, module: nn.Module, args: tuple[Any, ...]) -> Any:
         if self.explicit or not args:
@@ -282,3 +314,19 @@ class _Inject(torch.autograd.Function):
             for f, shape, (dt, dev) in zip(flat, ctx.shapes, ctx.dtypes)
         ]
         return (e, None, None, None, *grads)
+
+
+class _Receive(torch.autograd.Function):
+    """A feedback point recorded during a backward pass (a checkpointed segment recomputed):
+    identity on the point; its backward drops the gradient from above, as a detached point
+    does, and sends ``B_k s(e)`` of the backward pass in progress instead."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, engine: DirectFeedback, key: str) -> Tensor:
+        ctx.engine, ctx.key, ctx.shape, ctx.dtype = engine, key, x.shape, x.dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        g = ctx.engine.late_projection(ctx.key, ctx.shape)
+        return (None if g is None else g.to(ctx.dtype), None, None)

@@ -78,6 +78,14 @@ def mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass: a forward pass now is activation
+    checkpointing's recomputation (``torch.utils.checkpoint``, both modes), which must repeat the
+    pass it recomputes rather than count as a new one. False under ``torch.compile``, whose
+    graphs recompute on their own."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 class Rule(nn.Module):
     """A learning rule for one layer, with its state.
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import draw
-from .base import Rule, register, uniform_like
+from .base import Rule, in_backward, register, uniform_like
 
 
 @register
@@ -87,6 +87,14 @@ class BatchRandomSignFeedback(Rule):
     name = "brsf"
     paper = "Liao, Leibo, Poggio 2016"
     step: Tensor
+    advanced: Tensor
+
+    def __init__(self, weight: Tensor, seed: int = 0, scale: str = "xavier") -> None:
+        super().__init__(weight, seed, scale)
+        # 1 if the last pass advanced ``step`` (a training pass with autograd on), else 0: what
+        # a checkpointed segment's recomputation must undo to draw the same R_t. Meaningful
+        # within one step only, so not saved.
+        self.register_buffer("advanced", torch.zeros_like(self.step), persistent=False)
 
     def initial_state(self, like: Tensor) -> dict[str, Tensor]:
         step = torch.zeros((), dtype=torch.int64, device=like.device)
@@ -96,9 +104,18 @@ class BatchRandomSignFeedback(Rule):
     # Eager under torch.compile: a compiled graph hands the backward the step after the increment.
     @torch.compiler.disable
     def pass_state(self, advance: bool) -> tuple[Tensor, ...]:
-        step = self.step.clone()
-        if advance:
-            self.step.add_(1)
+        if advance and in_backward():
+            # Activation checkpointing recomputes a pass: draw its R_t again. Non-reentrant,
+            # that pass advanced the step; reentrant, it ran without autograd and did not, so
+            # this recomputation is the training pass and advances it. One draw per step.
+            step = self.step - self.advanced
+            self.step.add_(1 - self.advanced)
+            self.advanced.fill_(1)
+        else:
+            step = self.step.clone()
+            self.advanced.fill_(int(advance))
+            if advance:
+                self.step.add_(1)
         return self.get_buffer("scale"), step, self.get_buffer("key")
 
     def last_state(self) -> tuple[Tensor, ...]:
