@@ -75,6 +75,8 @@ def _state_grads(ctx: Any, grad_w: Tensor | None, state: tuple[Tensor, ...]) -> 
 class LinearFeedback(torch.autograd.Function):
     """``y = x W^T + b`` for ``x`` of any rank; backward uses the rule's B for the input gradient."""
 
+    generate_vmap_rule = True  # torch.func.vmap(grad(...)): per-sample gradients
+
     @staticmethod
     def forward(
         x: Tensor, weight: Tensor, bias: Tensor | None, rule: Feedback, *state: Tensor
@@ -110,6 +112,8 @@ class ConvFeedback(torch.autograd.Function):
     with ``B`` in the weight's place returns B's input gradient and the exact weight and bias
     gradients together.
     """
+
+    generate_vmap_rule = True  # torch.func.vmap(grad(...)): per-sample gradients
 
     @staticmethod
     def forward(
