@@ -3,9 +3,12 @@ torch.fx / torch.export; and on tiny randomly initialised transformers models (n
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -90,3 +93,90 @@ def test_brsf_draws_once_per_step_under_checkpointing() -> None:
                 biograd.feedback_weight(getattr(ckpt, name)),
                 biograd.feedback_weight(getattr(plain, name)),
             )
+
+
+# --------------------------------------------------------------------------- torch.func
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def convnet() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+
+
+@pytest.mark.parametrize("make", [mlp, convnet])
+@pytest.mark.parametrize("rule", ["fa", "usf", "frsf", "kp"])
+def test_vmap_grad_per_sample_gradients(rule: str, make: Any) -> None:
+    model = biograd.convert(make(), rule, seed=1)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    x = torch.randn(6, 4) if make is mlp else torch.randn(6, 2, 4, 4)
+    y = torch.randint(0, 3, (6,))
+
+    def loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return F.cross_entropy(out, yi.unsqueeze(0))
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, msg=f"sample {i}: {name}")
+    with biograd.exact(model):
+        bp = grad(loss)(params, x[0], y[0])
+    first = next(iter(params))
+    assert not torch.allclose(bp[first], per_sample[first][0])  # the rule, not backprop
+
+
+@pytest.mark.parametrize("rule", ["dfa", "sdfa", "drtp", "shallow"])
+def test_func_grad_of_direct_rules_equals_backward(rule: str) -> None:
+    model = biograd.convert(mlp(), rule, seed=1)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+
+    def loss(p: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
+        if rule == "drtp":
+            biograd.set_targets(model, y)
+        return F.cross_entropy(functional_call(model, (p, buffers), (x,)), y)
+
+    params = dict(model.named_parameters())
+    loss(params, dict(model.named_buffers())).backward()  # draws the feedback
+    detached = {k: v.detach() for k, v in params.items()}
+    got = grad(loss)(detached, {k: v.detach() for k, v in model.named_buffers()})
+    for name, p in params.items():
+        expected = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.testing.assert_close(got[name], expected, msg=name)
+
+
+# --------------------------------------------------------------------------- tracing
+@pytest.mark.parametrize("rule", ["fa", "usf", "kp", "dfa"])
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_tracing_keeps_the_rule_or_refuses(rule: str, tracer: str) -> None:
+    model = biograd.convert(mlp(), rule, seed=2)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    try:
+        if tracer == "fx":
+            traced: nn.Module = torch.fx.symbolic_trace(model)
+        else:
+            traced = torch.export.export(model, (x,)).module()
+    except biograd.errors.BiogradError as err:
+        assert "\n" not in str(err) and "biograd" in str(err)
+        return
+    eager = [
+        g.clone() for g in torch.autograd.grad(F.cross_entropy(model(x), y), model.parameters())
+    ]
+    got = torch.autograd.grad(F.cross_entropy(traced(x), y), list(traced.parameters()))
+    for e, g in zip(eager, got):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_tracing_backprop_and_exact_models_still_works(tracer: str) -> None:
+    model = biograd.convert(mlp(), "bp")
+    x = torch.randn(5, 4)
+    traced = (
+        torch.fx.symbolic_trace(model)
+        if tracer == "fx"
+        else torch.export.export(model, (x,)).module()
+    )
+    torch.testing.assert_close(traced(x), model(x))

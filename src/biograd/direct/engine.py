@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..rules.base import get_rule, in_backward
 from ..rules.direct import NO_TARGETS, DirectRule, FeedbackError
+from ..tracing import refuse_tracing
 
 NORMS = ("launay", "fan_in", "fan_out", "none")
 """Feedback scales (entries are N(0, 1) times the factor; ``d_k`` point features, ``C`` outputs):
@@ -181,6 +182,7 @@ class DirectFeedback(nn.Module):
         that nothing above it back-propagates into it."""
         if self.exact or not torch.is_grad_enabled():
             return x
+        refuse_tracing(self.rule.name)
         if not isinstance(x, Tensor):
             raise FeedbackError(
                 f"feedback point {key!r} must be one tensor, got {type(x).__name__}"
@@ -298,13 +300,18 @@ class _Inject(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, out: Tensor, engine: DirectFeedback, targets: Tensor | None, keys: list[str],
+        out: Tensor, engine: DirectFeedback, targets: Tensor | None, keys: list[str],
         *points: Tensor,
     ) -> Tensor:  # fmt: skip
+        return out.view_as(out)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        # forward and setup_context apart: what torch.func.grad needs of a Function
+        _, engine, targets, keys, *points = inputs
         ctx.engine, ctx.targets, ctx.keys = engine, targets, keys
         ctx.shapes = [p.shape for p in points]
         ctx.dtypes = [(p.dtype, p.device) for p in points]
-        return out.view_as(out)
 
     @staticmethod
     def backward(ctx: Any, e: Tensor) -> tuple[Tensor | None, ...]:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..rules.base import Rule, get_rule
+from ..tracing import refuse_tracing
 from . import functional as BF
 
 CONVERTIBLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -144,6 +145,8 @@ class FeedbackLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rule = self.rule
+        if not self.feedback_exact and (rule.direct or not rule.exact_input_grad):
+            refuse_tracing(rule.name)
         if self.feedback_exact or rule.exact_input_grad:
             return self._op(x, None, ())
         return self._op(x, rule, rule.pass_state(self.training and torch.is_grad_enabled()))
