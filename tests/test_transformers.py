@@ -183,3 +183,26 @@ def test_dfa_trains_every_layer_of_a_transformer(kind: str) -> None:
         if name == output and not tied:
             torch.testing.assert_close(g, bp[name])  # the output layer: the true error
     assert any(not torch.allclose(rule[n], bp[n]) for n in rule if n != output)
+
+
+@pytest.mark.parametrize("rule", ["fa", "brsf", "kp", "dfa"])
+def test_resized_tied_output_layer(rule: str) -> None:
+    """``resize_token_embeddings`` after conversion: GPT-2's lm_head shares the new, larger
+    embedding matrix; fixed feedback follows its shape, learned (kp) or direct feedback raise
+    one clear error at the next forward."""
+    model = _converted("gpt2", rule)
+    batch = _batch("gpt2")
+    model(**batch).loss.backward()
+    model.resize_token_embeddings(VOCAB + 8)
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    model.zero_grad()
+    if rule == "kp":
+        with pytest.raises(biograd.nn.layers.WeightShapeError, match="convert the model again"):
+            model(**batch)
+    elif rule == "dfa":
+        with pytest.raises(biograd.direct.FeedbackError, match="after resizing"):
+            model(**batch)
+    else:
+        model(**batch).loss.backward()
+        assert biograd.feedback_weight(model.lm_head).shape == (VOCAB + 8, 16)
+        assert model.transformer.h[0].mlp.c_fc.weight.grad is not None

@@ -252,7 +252,8 @@ class DirectFeedback(nn.Module):
         if c != self.classes:
             raise FeedbackError(
                 f"the output layer gives {c} values per sample (shape {tuple(out.shape)}, "
-                f"batch_dims={bd}), the feedback was made for {self.classes}: set batch_dims"
+                f"batch_dims={bd}), the feedback was made for {self.classes}: set batch_dims, or "
+                "convert again after resizing the output layer"
             )
         keys = [p.key for p in points]
         result: Tensor = _Inject.apply(out, self, targets, keys, *[p.tensor for p in points])

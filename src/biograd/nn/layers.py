@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..errors import BiogradError
 from ..rules.base import Rule, get_rule
 from ..tracing import refuse_tracing
 from . import functional as BF
@@ -60,15 +61,23 @@ def register_linear_like(cls: type[nn.Module] | str, spec: LinearLike) -> None:
     ``"package.module.Class"`` so that the package need not be imported) as linear layers, as
     ``spec`` describes. Subclasses that override ``forward`` are left alone (and reported)."""
     _LINEAR_LIKE[cls] = spec
+    _FOUND.clear()
+
+
+_FOUND: dict[type, tuple[LinearLike, Callable[..., Any]] | None] = {}
 
 
 def linear_like(cls: type[nn.Module]) -> tuple[LinearLike, Callable[..., Any]] | None:
     """The spec of a registered linear-like class (or base class) and its stock forward."""
-    for base in cls.__mro__:
-        spec = _LINEAR_LIKE.get(base) or _LINEAR_LIKE.get(f"{base.__module__}.{base.__qualname__}")
-        if spec is not None:
-            return spec, base.forward  # type: ignore[attr-defined]
-    return None
+    if cls not in _FOUND:
+        _FOUND[cls] = None
+        for base in cls.__mro__:
+            name = f"{base.__module__}.{base.__qualname__}"
+            spec = _LINEAR_LIKE.get(base) or _LINEAR_LIKE.get(name)
+            if spec is not None:
+                _FOUND[cls] = spec, base.forward  # type: ignore[attr-defined]
+                break
+    return _FOUND[cls]
 
 
 def is_convertible_kind(module: nn.Module) -> bool:
@@ -116,6 +125,10 @@ def set_rule(layer: nn.Module, rule: str, seed: int | None = None, scale: str = 
     return r
 
 
+class WeightShapeError(BiogradError, RuntimeError):
+    """A converted layer's weight changed shape and its rule's state cannot follow."""
+
+
 class FeedbackLayer(nn.Module):
     """Mixin for a rule-parametrised layer.
 
@@ -145,11 +158,27 @@ class FeedbackLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rule = self.rule
+        if rule.shape != tuple(linear_weight(self).shape) and not rule.direct:
+            rule = self._follow_weight()
         if not self.feedback_exact and (rule.direct or not rule.exact_input_grad):
             refuse_tracing(rule.name)
         if self.feedback_exact or rule.exact_input_grad:
             return self._op(x, None, ())
         return self._op(x, rule, rule.pass_state(self.training and torch.is_grad_enabled()))
+
+    def _follow_weight(self) -> Rule:
+        """The weight changed shape after the rule was made (``resize_token_embeddings`` on a
+        tied output layer, a pruned layer): a rule with fixed state draws it again for the new
+        shape from the same seed and scale; a rule whose feedback learns (its Parameters sit in
+        an optimizer) cannot, and raises."""
+        old, shape = self.rule, tuple(linear_weight(self).shape)
+        if old.learned_feedback:
+            raise WeightShapeError(
+                f"the weight of this {old.name} layer changed shape from {old.shape} to {shape} "
+                "after conversion, and its learned feedback cannot follow: convert the model "
+                "again (and rebuild the optimizer) after resizing"
+            )
+        return set_rule(self, old.name, old.seed, old.scheme)
 
     def _op(self, x: Tensor, rule: Rule | None, state: tuple[Tensor, ...]) -> Tensor:
         layer: Any = self
