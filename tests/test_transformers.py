@@ -206,3 +206,23 @@ def test_resized_tied_output_layer(rule: str) -> None:
         model(**batch).loss.backward()
         assert biograd.feedback_weight(model.lm_head).shape == (VOCAB + 8, 16)
         assert model.transformer.h[0].mlp.c_fc.weight.grad is not None
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("rule", ["dfa", "brsf"])
+def test_hf_gradient_checkpointing_gives_the_same_gradients(rule: str, reentrant: bool) -> None:
+    batch = _batch("llama")
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(5)
+        model = _converted("llama", rule)
+        model.train()
+        if checkpointed:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        for _ in range(2):  # brsf: the second step's draw too
+            model.zero_grad()
+            model(**batch).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert grads[1][name] is not None, f"{name} got no gradient"
+        torch.testing.assert_close(grads[1][name], g, msg=name)
