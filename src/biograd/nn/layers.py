@@ -158,12 +158,13 @@ class FeedbackLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rule = self.rule
-        if rule.shape != tuple(linear_weight(self).shape) and not rule.direct:
-            rule = self._follow_weight()
-        if not self.feedback_exact and (rule.direct or not rule.exact_input_grad):
+        uses_rule = not self.feedback_exact and not rule.exact_input_grad
+        if uses_rule or (rule.direct and not self.feedback_exact):
             refuse_tracing(rule.name)
-        if self.feedback_exact or rule.exact_input_grad:
+        if not uses_rule:
             return self._op(x, None, ())
+        if rule.shape != tuple(linear_weight(self).shape):
+            rule = self._follow_weight()
         return self._op(x, rule, rule.pass_state(self.training and torch.is_grad_enabled()))
 
     def _follow_weight(self) -> Rule:
