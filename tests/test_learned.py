@@ -177,6 +177,9 @@ def test_pfa_gradients_match_autograd_on_the_product_path(case: str, ratio: int)
     gx, gr = torch.autograd.grad((y * g).sum(), (x, r))
     torch.testing.assert_close(L.pfa_input_grad(g, b, r.detach(), x_shape, c), gx)
     torch.testing.assert_close(L.pfa_r_grad(g, b, x.detach(), r_shape, c), gr)
+    gw = L.weight_grad(x.detach(), g, w_shape, c)
+    groups = 1 if c is None else c.groups
+    torch.testing.assert_close(L.pfa_r_from_weight_grad(gw, b, groups), gr)
     path = L.pfa_path(b, r.detach(), 1 if c is None else c.groups)
     assert path.shape == w_shape
     torch.testing.assert_close(L.input_grad(g, path, x_shape, c), gx)

@@ -178,6 +178,20 @@ def pfa_r_grad(
     return weight_grad(x, pfa_mid(g, feedback_b, conv), r_shape, conv)
 
 
+def pfa_r_from_weight_grad(grad_weight: Tensor, feedback_b: Tensor, groups: int = 1) -> Tensor:
+    """``grad_R = B^T grad_W``: the same ``(g B)^T x`` as :func:`pfa_r_grad`, from the layer's
+    exact weight gradient ``grad_W = g^T x`` (``B`` mixes output units at each position, so it
+    factors out of the sum over rows and positions); one ``(mid x out) (out x in k)`` product
+    per group instead of a second pass over the batch."""
+    if grad_weight.dim() == 2:
+        return feedback_b.t().matmul(grad_weight)
+    out = grad_weight.shape[0]
+    b = feedback_b.reshape(groups, out // groups, feedback_b.shape[1])
+    gw = grad_weight.reshape(groups, out // groups, -1)
+    mid = feedback_b.shape[1] * groups
+    return torch.bmm(b.transpose(1, 2), gw).reshape(mid, *grad_weight.shape[1:])
+
+
 def pfa_path(feedback_b: Tensor, feedback_r: Tensor, groups: int = 1) -> Tensor:
     """``B R`` shaped like ``W``: the matrix (or kernel) the input gradient of ``pfa`` uses in
     ``W``'s place; its angle to ``W`` is the *path alignment* of Li & Benna 2024."""
