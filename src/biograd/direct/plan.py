@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..rules.base import get_rule
 from .engine import DirectFeedback
 from .layouts import LAYOUTS
 
@@ -80,6 +81,17 @@ def attach(
         raise ValueError(
             f"output layer {out_name!r} is not a converted layer; converted: {', '.join(layers)}"
         )
+    if get_rule(rule).learned_feedback:
+        if layout != "dense":
+            raise ValueError(
+                f"{rule} learns one feedback matrix per point: it needs layout='dense' "
+                f"({layout!r} shares stored rows between points)"
+            )
+        if example_input is None:
+            raise ValueError(
+                f"{rule} learns its feedback matrices as Parameters, which must exist before the "
+                "optimizer is built: pass example_input=<a batch> to biograd.convert"
+            )
     kwargs: dict[str, Any] = {"hashed_rows": hashed_rows} if layout == "hashed" else {}
     engine = LAYOUTS[layout](
         rule, seed=seed, norm=norm, batch_dims=batch_dims, explicit=bool(explicit), **kwargs
