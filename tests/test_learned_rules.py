@@ -290,11 +290,16 @@ def test_dkp_matrices_get_activity_times_error_and_move_with_the_optimizer(
         torch.testing.assert_close(engine.matrix(k).detach(), before[k] - 0.5 * step)
 
 
-def test_dkp_needs_the_dense_layout_and_an_example_input() -> None:
+def test_dkp_needs_the_dense_layout_and_warns_without_an_example_input() -> None:
     with pytest.raises(ValueError, match="layout='dense'"):
         biograd.convert(mlp(), "dkp", layout="hashed", example_input=torch.zeros(2, 20))
-    with pytest.raises(ValueError, match="example_input"):
-        biograd.convert(mlp(), "dkp")
+    with pytest.warns(UserWarning, match="build the optimizer after it"):
+        model = biograd.convert(mlp(), "dkp")
+    assert not [n for n, _ in model.named_parameters() if "direct_feedback" in n]
+    model(torch.zeros(2, 20, requires_grad=False))  # the model's input needs no grad
+    F.cross_entropy(model(torch.randn(3, 20)), torch.tensor([0, 1, 2])).backward()
+    made = [n for n, _ in model.named_parameters() if "direct_feedback" in n]
+    assert made == ["4.direct_feedback.point_2", "4.direct_feedback.point_4"]
 
 
 def test_dkp_matrices_align_with_the_backprop_path_under_training() -> None:

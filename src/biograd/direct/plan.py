@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -88,9 +89,11 @@ def attach(
                 f"({layout!r} shares stored rows between points)"
             )
         if example_input is None:
-            raise ValueError(
-                f"{rule} learns its feedback matrices as Parameters, which must exist before the "
-                "optimizer is built: pass example_input=<a batch> to biograd.convert"
+            warnings.warn(
+                f"{rule} learns its feedback matrices as Parameters, made at the first forward "
+                "pass: build the optimizer after it, or pass example_input=<a batch> to "
+                "biograd.convert to make them now",
+                stacklevel=3,
             )
     kwargs: dict[str, Any] = {"hashed_rows": hashed_rows} if layout == "hashed" else {}
     engine = LAYOUTS[layout](

@@ -456,7 +456,8 @@ class DirectKolenPollack(DirectRule):
     Only the ``dense`` layout: ``shared`` and ``hashed`` reuse the same stored rows for several
     points (and, hashed, for several rows of one point), so one point's update would change the
     others' feedback and no ``B_k`` could follow its own path. The matrices must exist before the
-    optimizer is built: ``biograd.convert`` needs ``example_input``.
+    optimizer is built: pass ``example_input`` to ``biograd.convert``, or build the optimizer
+    after the first forward pass.
     """
 
     name = "dkp"
