@@ -189,6 +189,24 @@ def test_pfa_b_options(b_init: str) -> None:
         biograd.convert(nn.Linear(6, 5), "pfa", options={"ratio": 2, "b_init": "identity"})
 
 
+@pytest.mark.parametrize("rule", ["wm", "pfa", "dkp"])
+def test_bf16_autocast_trains(rule: str) -> None:
+    """Under autocast the op's backward runs in bf16: every learned tensor still gets a float32
+    gradient (or update) of the right shape."""
+    x, y = teacher(n=16)
+    model = biograd.convert(mlp(), rule, seed=0, example_input=x[:2])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    F.cross_entropy(out.float(), y).backward()
+    biograd.update_feedback(model)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.endswith("rule.feedback") for k in moved) == (rule == "wm")
+
+
 # --------------------------------------------------------------------------- state
 @pytest.mark.parametrize("rule", ["wm", "pfa", "dkp"])
 def test_learned_state_round_trips_through_state_dict(rule: str) -> None:

@@ -432,7 +432,8 @@ class ProductFeedbackAlignment(Rule):
     def state_grads(self, grad_weight: Tensor | None, *state: Tensor) -> tuple[Tensor | None, ...]:
         if grad_weight is None:
             return (None, None)
-        return (None, pfa_r_from_weight_grad(grad_weight, state[0], self.groups))
+        b = state[0].to(grad_weight.dtype)  # autocast: the backward runs in grad_out's dtype
+        return (None, pfa_r_from_weight_grad(grad_weight, b, self.groups))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ratio={self.ratio}, b_init={self.b_init}"
