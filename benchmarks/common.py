@@ -11,6 +11,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,12 +62,14 @@ def library_model(name: str, in_shape: tuple[int, int, int], classes: int) -> nn
 # ----------------------------------------------------------------------------- one step
 @dataclass
 class Trainee:
-    """A model under one rule with its own optimizer, trained on a fixed batch."""
+    """A model under one rule with its own optimizer, trained on a fixed batch. ``backward``,
+    if given, replaces ``loss.backward()`` (the DFA floor: :func:`cut_inputs`)."""
 
     label: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
     needs_targets: bool = False
+    backward: Callable[[Tensor], None] | None = None
     times: dict[str, list[float]] = field(default_factory=lambda: {"wall": [], "cpu": []})
     rep_medians: dict[str, list[float]] = field(default_factory=lambda: {"wall": [], "cpu": []})
 
@@ -74,13 +77,65 @@ class Trainee:
 def train_step(t: Trainee, x: Tensor, y: Tensor) -> None:
     """Forward, cross-entropy loss, backward, optimizer step."""
     t.optimizer.zero_grad(set_to_none=True)
+    step_after_zero_grad(t, x, y)
+
+
+def step_after_zero_grad(t: Trainee, x: Tensor, y: Tensor) -> None:
+    """The training step without ``zero_grad``: forward, loss, backward, optimizer step."""
     if t.needs_targets:
         import biograd
 
         biograd.set_targets(t.model, y)
     loss = F.cross_entropy(t.model(x), y)
-    loss.backward()
+    if t.backward is None:
+        loss.backward()
+    else:
+        t.backward(loss)
     t.optimizer.step()
+
+
+def cut_inputs(model: nn.Module, names: list[str]) -> Callable[[Tensor], None]:
+    """Make ``model`` (a plain torch model) do the work that DFA cannot avoid, and return the
+    backward that goes with it.
+
+    Forward pre-hooks on the modules ``names`` (DFA's feedback points: the inputs of every
+    converted layer but the first) detach each input, as DFA's engine does, so autograd never
+    computes the products with the transposed weights; the returned backward then runs autograd
+    once from the loss and from every cut point, with a fixed random gradient in place of DFA's
+    ``B_k e``: forward, every local derivative (activations, batch norm, pooling, residual
+    sums), every weight gradient and the optimizer step, but no feedback projection, no
+    bookkeeping of points and no injection node. A tensor that feeds several cut modules
+    (a residual block's input into ``conv1`` and the shortcut) is one point, as in the engine.
+    """
+    modules = dict(model.named_modules())
+    points: list[Tensor] = []
+    grads: dict[tuple[int, ...], Tensor] = {}
+
+    def pre(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0]
+        if not (isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()):
+            return None
+        if not any(p is x for p in points):
+            points.append(x)
+        return (x.detach(), *args[1:])
+
+    for name in names:
+        modules[name].register_forward_pre_hook(pre)
+
+    def backward(loss: Tensor) -> None:
+        roots, root_grads = [loss], [torch.ones_like(loss)]
+        for p in points:
+            shape = tuple(p.shape)
+            if shape not in grads:
+                gen = torch.Generator().manual_seed(len(grads))
+                g = torch.randn(shape, generator=gen) / p[0].numel() ** 0.5 / p.shape[0]
+                grads[shape] = g.to(p.device, p.dtype)
+            roots.append(p)
+            root_grads.append(grads[shape])
+        points.clear()
+        torch.autograd.backward(roots, root_grads)
+
+    return backward
 
 
 def sync(device: torch.device) -> None:
@@ -182,8 +237,8 @@ def persistent_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 def saved_tensor_bytes(t: Trainee, x: Tensor, y: Tensor) -> int:
     """Bytes that autograd keeps for the backward pass of one step (every tensor packed by
     ``save_for_backward`` or by a built-in op, counted once per storage), leaving out the
-    parameters and buffers, which exist anyway. On the CPU this stands in for the peak activation
-    memory: torch's CPU allocator keeps no statistics."""
+    parameters and buffers, which exist anyway: what lives from the forward pass to the backward
+    pass (activations, and any tensor a rule builds in the forward pass for its backward)."""
     own = {p.untyped_storage().data_ptr() for p in t.model.parameters()}
     own |= {b.untyped_storage().data_ptr() for b in t.model.buffers() if b.numel()}
     seen: dict[int, int] = {}
@@ -200,14 +255,49 @@ def saved_tensor_bytes(t: Trainee, x: Tensor, y: Tensor) -> int:
     return sum(seen.values())
 
 
-def cuda_peak_bytes(t: Trainee, x: Tensor, y: Tensor) -> int:
-    """Peak CUDA memory of one step above what was allocated before it."""
-    torch.cuda.synchronize(x.device)
-    before = torch.cuda.memory_allocated(x.device)
-    torch.cuda.reset_peak_memory_stats(x.device)
-    train_step(t, x, y)
-    torch.cuda.synchronize(x.device)
-    return torch.cuda.max_memory_allocated(x.device) - before
+def peak_bytes(t: Trainee, x: Tensor, y: Tensor) -> dict[str, int]:
+    """Peak memory of one training step, the same definition on every device: the bytes of the
+    trainee's own state when the step starts (parameters, buffers, optimizer state; gradients
+    are freed by ``zero_grad``) plus the largest amount allocated during the step (forward,
+    loss, backward, optimizer step) and not yet freed.
+
+    On CUDA the increment is ``torch.cuda.max_memory_allocated`` minus the allocation at the
+    start. On the CPU torch's allocator keeps no statistics, but it reports every allocation
+    and free to ``torch.profiler`` (``profile_memory=True``): the running sum of those events,
+    in time order, is the memory allocated since the step started (blocks allocated before the
+    profiler started report no free, so the sum counts only the step's own allocations), and
+    its maximum is the increment. This counts every tensor the step allocates, temporaries
+    inside ops included, at the allocator's granularity.
+
+    Returns ``start`` (own state at the start), ``increment`` and ``peak`` (their sum), bytes.
+    """
+    t.optimizer.zero_grad(set_to_none=True)
+    start = persistent_bytes(t.model, t.optimizer)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        step_after_zero_grad(t, x, y)
+        torch.cuda.synchronize(x.device)
+        increment = torch.cuda.max_memory_allocated(x.device) - before
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                step_after_zero_grad(t, x, y)
+        events = [
+            e
+            for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+            if e.name() == "[memory]" and str(e.device_type()) == "DeviceType.CPU"
+        ]
+        events.sort(key=lambda e: e.start_ns())
+        running = increment = 0
+        for e in events:
+            running += e.nbytes()
+            increment = max(increment, running)
+    return {"start": start, "increment": increment, "peak": start + increment}
 
 
 # ----------------------------------------------------------------------------- machine

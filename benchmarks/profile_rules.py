@@ -8,9 +8,12 @@ For one network of ``step_time.py`` (same model and data for every rule):
 2. ops (``torch.profiler``, ``--steps`` steps per rule): per rule, the aten ops whose self time
    per step differs most from plain backprop's (profiler times are wall-clock times).
 
-This is how a miss of a ``step_time.py`` target is explained.
+This is how a miss of a ``step_time.py`` target is explained. The pseudo-rule ``floor`` is
+``step_time.py``'s ``dfa floor``, the work DFA cannot avoid (``common.cut_inputs``); profile
+``dfa`` next to it to see where the DFA engine's own time goes.
 
     .venv/bin/python benchmarks/profile_rules.py --case mlp --rules usf,frsf,brsf,kp
+    .venv/bin/python benchmarks/profile_rules.py --case dfa_mlp --rules floor,dfa
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import biograd
-from common import Trainee, train_step
+from common import Trainee, cut_inputs, train_step
 from step_time import CASES
 
 
@@ -61,7 +64,10 @@ def phase_times(
             c0 = time.process_time()
             loss = F.cross_entropy(t.model(x), y)
             c1 = time.process_time()
-            loss.backward()
+            if t.backward is None:
+                loss.backward()
+            else:
+                t.backward(loss)
             c2 = time.process_time()
             t.optimizer.step()
             c3 = time.process_time()
@@ -94,13 +100,21 @@ def main(argv: list[str] | None = None) -> int:
 
     def trainee(rule: str) -> Trainee:
         model = copy.deepcopy(base)
-        if rule != "bp":
-            example = x[:2] if biograd.get_rule(rule).direct else None
-            biograd.convert(model, rule, seed=0, example_input=example)
+        if rule == "floor":
+            dfa = biograd.convert(copy.deepcopy(base), "dfa", seed=0, example_input=x[:2])
+            points = biograd.conversion_report(dfa).feedback_points
+            backward = cut_inputs(model, points)
+        else:
+            backward = None
+            if rule != "bp":
+                example = x[:2] if biograd.get_rule(rule).direct else None
+                biograd.convert(model, rule, seed=0, example_input=example)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-        return Trainee(rule, model, opt)
+        return Trainee(rule, model, opt, backward=backward)
 
     rules = args.rules.split(",")
+    if "floor" in rules:
+        print("floor: the work DFA cannot avoid (step_time.py's 'dfa floor')\n")
     phases = phase_times([trainee(r) for r in ["bp", *rules]], x, y, args.reps)
     print(f"{case.title}, batch {batch}: median CPU ms per phase ({args.reps} repetitions)")
     print(f"  {'rule':<6} {'forward':>8} {'backward':>9} {'optimizer':>10} {'sum':>8} {'x bp':>6}")

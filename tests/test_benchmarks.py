@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -25,14 +27,38 @@ def _load(name: str) -> ModuleType:
 
 def test_step_time_quick(tmp_path: Path) -> None:
     step_time = _load("step_time")
-    assert (
-        step_time.main(["--quick", "--cases", "mlp", "--rules", "fa,brsf", "--out", str(tmp_path)])
-        == 0
-    )
+    argv = ["--quick", "--cases", "mlp,resnet20", "--rules", "usf,dfa", "--out", str(tmp_path)]
+    assert step_time.main(argv) == 0
     text = (tmp_path / "step_time.md").read_text()
-    for rule in ("bp", "fa", "brsf"):
+    for rule in ("bp", "bp (2nd copy)", "bp (converted)", "usf", "dfa", "dfa floor"):
         assert f"| {rule} |" in text
-    assert json.loads((tmp_path / "step_time.json").read_text())
+    assert text.count("dfa / dfa floor:") == 2
+    record = json.loads((tmp_path / "step_time.json").read_text())
+    for case in record["results"]:
+        rows = {r["rule"]: r for r in case["rows"]}
+        assert rows["bp"]["peak_ratio"] == 1.0
+        assert rows["bp (2nd copy)"]["peak_bytes"] == rows["bp"]["peak_bytes"]
+        for r in rows.values():
+            assert r["peak_bytes"] >= r["state_bytes"] > 0
+        assert case["dfa_over_floor"]["ratio"] > 0
+
+
+def test_peak_memory_counts_the_step_and_the_state() -> None:
+    """The CPU peak is the state at the start plus what the step allocates: at least every
+    gradient (allocated in the step, alive at its end), at most a few times the step's tensors."""
+    common = _load("common")
+    torch.manual_seed(0)
+    model = common.mlp([64, 256, 256, 10])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    t = common.Trainee("bp", model, opt)
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    common.train_step(t, x, y)  # momentum buffers exist from here on
+    mem = common.peak_bytes(t, x, y)
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert mem["start"] == 2 * params  # parameters + momentum; gradients were freed
+    activations = 32 * (256 + 256 + 10) * 4 * 3  # outputs, activations, their gradients
+    assert params <= mem["increment"] <= 2 * params + 4 * activations
+    assert mem["peak"] == mem["start"] + mem["increment"]
 
 
 def test_direct_memory_quick(tmp_path: Path) -> None:
@@ -40,3 +66,33 @@ def test_direct_memory_quick(tmp_path: Path) -> None:
     assert direct_memory.main(["--quick", "--reps", "2", "--out", str(tmp_path)]) == 0
     text = next(tmp_path.glob("direct_memory*.md")).read_text()
     assert "hashed" in text and "dense" in text
+
+
+def test_fa_family_peak_is_backprops_plus_the_rules_state() -> None:
+    """Issue 16, item 2, on a small MLP: a rule's peak exceeds plain backprop's by at most its
+    own persistent state, plus brsf's transient bytes of one draw (a quarter of the largest
+    weight). A B saved from the forward pass to the backward pass would add every layer's."""
+    import copy
+
+    import biograd
+
+    common = _load("common")
+    torch.manual_seed(0)
+    base = common.mlp([64, 512, 512, 10])
+    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    largest = 512 * 512 * 4
+
+    def measure(rule: str) -> tuple[int, int]:
+        model = copy.deepcopy(base)
+        if rule != "bp":
+            biograd.convert(model, rule, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        t = common.Trainee(rule, model, opt)
+        common.train_step(t, x, y)
+        peak = common.peak_bytes(t, x, y)["peak"]
+        return peak, common.persistent_bytes(model, opt)
+
+    bp_peak, bp_state = measure("bp")
+    for rule in ("fa", "usf", "frsf", "brsf", "kp"):
+        peak, state = measure(rule)
+        assert peak - bp_peak <= state - bp_state + largest // 4, rule

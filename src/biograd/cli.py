@@ -1,19 +1,32 @@
 """The ``biograd`` command: compare rules, train from a config, reproduce a paper, report a run.
 
-Every error a user can cause ends with one line on stderr (``biograd: error: ...``) and exit
-status 2; an interrupted run exits with 130 and can be continued with ``--resume``.
+Every error ends with one line on stderr (``biograd: error: ...``) and exit status 2; Ctrl-C
+ends with one line and status 130 (the run continues where it stopped when the same command is
+run again; ``train`` needs ``--resume``). ``BIOGRAD_DEBUG=1`` in the environment shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import distributed
 from .errors import BiogradError, ConfigError
+
+DEBUG_ENV = "BIOGRAD_DEBUG"
+"""Set to 1 to see the traceback of an error instead of its one-line message."""
+
+# What Ctrl-C tells the user, per command: how to continue.
+_CONTINUE = {
+    "compare": "; run the same command again to continue",
+    "train": "; continue with --resume",
+    "reproduce": "; run the same command again to continue",
+}
 
 COMPARE_RULES = "bp,fa,usf,frsf,brsf,kp,dfa"
 
@@ -41,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="biograd",
         description="Train networks without weight transport: compare learning rules, train from "
         "a YAML config, reproduce a paper's grid, report a run directory.",
+        epilog=f"Errors are one line on stderr with exit status 2 (Ctrl-C: 130); set {DEBUG_ENV}=1 "
+        "to see the traceback instead.",
     )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -65,13 +80,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare", help="run directory (default: runs/compare)")
     c.add_argument("--data-dir", help="directory of the data files (mnist, cifar10, ...)")
     c.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. device=cuda"
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="key=value",
+        help="config overrides, e.g. device=cuda",
     )
     c.set_defaults(func=_compare)
 
     t = sub.add_parser("train", help="train the rules and seeds of a YAML config")
     t.add_argument("config", help="YAML config file")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.1 epochs=5")
+    t.add_argument(
+        "overrides", nargs="*", default=[], metavar="key=value", help="e.g. optim.lr=0.1 epochs=5"
+    )
     t.add_argument("--resume", action="store_true", help="continue the run in the config's out")
     t.set_defaults(func=_train)
 
@@ -139,30 +160,42 @@ def _compare(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         overrides=args.overrides,
     )
+    cfg.check_rule_options()
     return _run_and_finish(cfg, Path(cfg.out or args.out), resume=True)
 
 
 def _train(args: argparse.Namespace) -> int:
     from .experiment.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides).check_rule_options()
     return _run_and_finish(cfg, Path(cfg.out or Path("runs") / Path(args.config).stem), args.resume)
 
 
 def _run_and_finish(cfg: Any, out: Path, resume: bool) -> int:
+    from . import distributed
+    from .errors import DivergedError
     from .experiment.trainer import run
 
-    run(cfg, out, resume=resume, progress=_progress())
+    diverged: DivergedError | None = None
+    try:
+        run(cfg, out, resume=resume, progress=_progress())
+    except DivergedError as e:  # the other pairs finished: show their table, then the error
+        diverged = e
     if distributed.is_main():  # under torchrun, rank 0 writes the table and plots
         print()
         _finish(out, cfg.plots)
+    if diverged is not None:
+        raise diverged
     return 0
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    from . import distributed
     from .experiment.grid import export, list_cells, reproduce_grid
     from .experiment.runner import find_spec, load_spec
 
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out is empty: give a directory")
     spec = find_spec(args.name)
     out = Path(args.out or Path("runs") / "reproduce" / f"{spec.stem}-{args.scale}")
     results_from = [Path(d) for d in args.results_from]
@@ -204,15 +237,23 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .experiment.config import read_yaml
+    from pydantic import ValidationError
+
+    from .experiment.config import _describe, read_yaml
     from .experiment.grid import write_results
     from .experiment.runner import Spec
 
     run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a directory")
     if (run_dir / "grid.yaml").exists():
         grid = read_yaml(run_dir / "grid.yaml")
-        spec = Spec.model_validate(grid["spec"])
-        print(write_results(run_dir, spec, str(grid["scale"])))
+        try:
+            spec = Spec.model_validate(grid.get("spec"))
+        except ValidationError as e:
+            problems = "; ".join(_describe(err) for err in e.errors())
+            raise ConfigError(f"{run_dir / 'grid.yaml'} is damaged (spec: {problems})") from None
+        print(write_results(run_dir, spec, str(grid.get("scale", "?"))))
         print(f"\nwrote {run_dir / 'results.md'}")
         return 0
     if not (run_dir / "metrics.csv").exists():
@@ -221,21 +262,62 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "(no message)"
+
+
+def _os_error(e: OSError) -> str:
+    """``OSError`` as ``<path>: <reason>`` (permissions, a full disk, a file where a folder
+    should be, ...)."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{where}: {reason}" if where else reason
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kw: Any) -> None:
+    print(f"biograd: warning: {_one_line(str(message))}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``biograd`` command; returns the exit status."""
+    """Entry point of the ``biograd`` command; returns the exit status.
+
+    Every error is one line on stderr and status 2; Ctrl-C is one line and status 130. With
+    ``BIOGRAD_DEBUG=1`` in the environment errors propagate with their traceback.
+    """
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    command = ""
+    shown = warnings.showwarning
+    if not debug:  # warnings as one line each, like errors
+        warnings.showwarning = _show_warning
     try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:  # --help, or a usage error already printed in one line
-        return e.code if isinstance(e.code, int) else 2
-    try:
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as e:  # --help, or a usage error already printed in one line
+            return e.code if isinstance(e.code, int) else 2
+        command = args.command
         status: int = args.func(args)
-    except BiogradError as e:
-        print(f"biograd: error: {e}", file=sys.stderr)
-        return 2
+        return status
     except KeyboardInterrupt:
-        print("biograd: interrupted; continue with --resume", file=sys.stderr)
+        if debug:
+            raise
+        print(f"biograd: interrupted{_CONTINUE.get(command, '')}", file=sys.stderr)
         return 130
-    return status
+    except Exception as e:
+        if debug:
+            raise
+        if isinstance(e, BiogradError):
+            message = str(e)
+        elif isinstance(e, OSError):
+            message = _os_error(e)
+        else:  # a bug: still one line, and the way to see more
+            message = (
+                f"unexpected {type(e).__name__}: {e} (this is a bug in biograd; "
+                f"{DEBUG_ENV}=1 shows the traceback)"
+            )
+        print(f"biograd: error: {_one_line(message)}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

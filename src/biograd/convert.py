@@ -154,6 +154,7 @@ def convert(
             direct rules mixed in one model; an unknown output layer; an unknown or invalid
             rule option.
     """
+    overrides, exclude = _check_arguments(rule, seed, overrides, exclude)
     plan = _plan(model, rule, overrides, exclude, scale, output)
     opts = dict(options or {})
     takes = {o for r in set(plan.values()) for o in get_rule(r).options}
@@ -184,6 +185,30 @@ def convert(
     if verbose:
         print(report)
     return model
+
+
+def _check_arguments(
+    rule: Any, seed: Any, overrides: Any, exclude: Any
+) -> tuple[Mapping[str, str] | None, Sequence[str] | None]:
+    """``convert``'s arguments of the wrong type as a ``TypeError`` that says what is expected;
+    returns ``(overrides, exclude)`` with a single ``exclude`` name read as a list of one."""
+    if not isinstance(rule, str):
+        raise TypeError(f"convert: rule must be a rule name (str), got {type(rule).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"convert: seed must be an int, got {seed!r}")
+    if overrides is not None and not (
+        isinstance(overrides, Mapping)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in overrides.items())
+    ):
+        raise TypeError(
+            "convert: overrides must map layer names or globs to rule names, e.g. "
+            f"{{'fc': 'bp'}}; got {overrides!r}"
+        )
+    if isinstance(exclude, str):
+        exclude = [exclude]  # one name, not its characters
+    if exclude is not None and not all(isinstance(p, str) for p in exclude):
+        raise TypeError(f"convert: exclude must be layer names or globs, got {exclude!r}")
+    return overrides, exclude
 
 
 def converted_layers(model: nn.Module) -> Iterator[tuple[str, FeedbackLayer]]:

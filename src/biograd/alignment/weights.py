@@ -128,6 +128,8 @@ def weight_alignment(model: nn.Module) -> dict[str, dict[str, float]]:
     """
     out: dict[str, dict[str, float]] = {}
     layers = list(converted_layers(model))
+    if not layers:
+        raise ValueError("weight_alignment: the model has no converted layer; use biograd.convert")
     output = next((m for _, m in layers if "direct_feedback" in m._modules), None)
     paths = _LinearPaths(model, output)
     for name, layer in layers:

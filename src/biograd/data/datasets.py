@@ -42,6 +42,10 @@ DATASETS = (
     "cifar10-jpeg",
     "imagefolder",
 )
+ROOT_INDEPENDENT = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100")
+"""Data sets whose content does not depend on ``root``: embedded (``digits`` reads no file) or
+read only from files verified against their official checksums. Where their files lie cannot
+change a run's result, so ``data.root`` is not part of a run's identity for them."""
 
 #: How tables name a data set whose numbers are not those of the official benchmark.
 LABELS = {"cifar10-jpeg": "CIFAR-10 (JPEG proxy)"}

@@ -12,7 +12,7 @@ import difflib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
@@ -20,12 +20,20 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from ..errors import ConfigError
+
+Int = Annotated[int, Strict()]
+"""An integer config value: ``true`` or ``2.0`` or ``"3"`` are errors, not silently 1, 2, 3."""
+Seed = Annotated[int, Strict(), Field(ge=0, lt=2**63)]
+"""A seed: 0 <= seed < 2**63 (what torch, numpy and the per-layer seeds all accept)."""
+Count = Annotated[int, Strict(), Field(gt=0, lt=2**31)]
+"""A positive count that torch can index with (batch sizes, subsets)."""
 
 
 def known_rule(name: str) -> str:
@@ -49,7 +57,7 @@ class Section(BaseModel):
 class AugmentConfig(Section):
     """Batched augmentation of training images (``biograd.data.Augment``)."""
 
-    crop_padding: int = Field(default=0, ge=0)
+    crop_padding: Int = Field(default=0, ge=0, le=1024)
     hflip: bool = False
     normalize: bool = True
 
@@ -64,16 +72,13 @@ class DataConfig(Section):
     kwargs: dict[str, Any] = {}
     root: str | None = None
     download: bool = False
-    batch_size: int = Field(default=32, gt=0)
-    test_batch_size: int = Field(default=1000, gt=0)
+    batch_size: Count = 32
+    test_batch_size: Count = 1000
     augment: AugmentConfig = AugmentConfig()
-    subset: int | None = Field(default=None, gt=0, description="train on this many random examples")
-    test_subset: int | None = Field(
-        default=None, gt=0, description="test on this many random examples"
-    )
-    validation: int | None = Field(
+    subset: Count | None = Field(default=None, description="train on this many random examples")
+    test_subset: Count | None = Field(default=None, description="test on this many random examples")
+    validation: Count | None = Field(
         default=None,
-        gt=0,
         description="hold out this many training examples (a fixed random draw) and evaluate on "
         "them instead of the test set; the test set is not read",
     )
@@ -174,7 +179,7 @@ class RuleConfig(Section):
     """Arguments of ``biograd.convert`` (see its docstring)."""
 
     name: str = "bp"
-    seed: int | None = Field(default=None, description="feedback seed; default: the run's seed")
+    seed: Seed | None = Field(default=None, description="feedback seed; default: the run's seed")
     overrides: dict[str, str] = {}
     exclude: list[str] = []
     scale: str = "xavier"
@@ -190,6 +195,58 @@ class RuleConfig(Section):
     def _known_rule(cls, name: str) -> str:
         return known_rule(name)
 
+    @field_validator("overrides")
+    @classmethod
+    def _known_override_rules(cls, overrides: dict[str, str]) -> dict[str, str]:
+        for rule in overrides.values():
+            known_rule(rule)
+        return overrides
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, scale: str) -> str:
+        from ..rules.base import SCALES
+
+        return _one_of("scale", scale, SCALES)
+
+    @field_validator("layout")
+    @classmethod
+    def _layout(cls, layout: str) -> str:
+        from ..direct import LAYOUTS
+
+        return _one_of("layout", layout, LAYOUTS)
+
+    @field_validator("norm")
+    @classmethod
+    def _norm(cls, norm: str) -> str:
+        from ..direct import NORMS
+
+        return _one_of("norm", norm, NORMS)
+
+    def check_used(self, rules: Sequence[str]) -> None:
+        """ValueError for an option set away from its default that none of ``rules`` (nor the
+        per-layer ``overrides``) uses: ``output``, ``layout`` and ``norm`` belong to the direct
+        rules, ``scale`` to the others."""
+        from ..rules import get_rule
+
+        used = {*rules, *self.overrides.values()}
+        direct = {r for r in used if get_rule(r).direct}
+        for key in ("output", "layout", "norm"):
+            if not direct and getattr(self, key) != RuleConfig.model_fields[key].default:
+                raise ValueError(
+                    f"rule.{key} is an option of the direct rules (dfa, ...); "
+                    f"{', '.join(sorted(used))} do not use it"
+                )
+        if self.scale != RuleConfig.model_fields["scale"].default and not used - direct:
+            raise ValueError(f"rule.scale is not used by {', '.join(sorted(used))}")
+
+
+def _one_of(key: str, value: str, valid: Iterable[str]) -> str:
+    valid = list(valid)  # a tuple of names, or a registry keyed by name
+    if value not in valid:
+        raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(valid)}")
+    return value
+
 
 class OptimConfig(Section):
     """The optimizer and the wrappers of ``biograd.optim``: ``manhattan`` steps on the sign of
@@ -198,11 +255,14 @@ class OptimConfig(Section):
     (Moskovitz et al. 2018)."""
 
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(default=0.05, gt=0)
-    momentum: float = Field(default=0.9, ge=0)
+    lr: float = Field(default=0.05, gt=0, allow_inf_nan=False)
+    momentum: float = Field(default=0.9, ge=0, allow_inf_nan=False)
     nesterov: bool = False
-    weight_decay: float = Field(default=0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9,
+        0.999,
+    )
     manhattan: bool = False
     no_sign_change: bool = False
     weight_norm: bool = False
@@ -213,15 +273,15 @@ class ScheduleConfig(Section):
     ``gamma`` at each epoch in ``milestones``; ``cosine`` anneals it to 0 over ``epochs``."""
 
     name: Literal["none", "multistep", "cosine"] = "none"
-    milestones: list[int] = []
-    gamma: float = Field(default=0.1, gt=0)
+    milestones: list[Annotated[int, Strict(), Field(ge=0)]] = []
+    gamma: float = Field(default=0.1, gt=0, allow_inf_nan=False)
 
 
 class AlignmentConfig(Section):
     """Measure weight and gradient alignment with backprop every ``every`` training steps
     (0: never)."""
 
-    every: int = Field(default=0, ge=0)
+    every: Int = Field(default=0, ge=0)
 
 
 class BottleneckConfig(Section):
@@ -230,7 +290,7 @@ class BottleneckConfig(Section):
     or exist (``narrow``). No ``layer``: no bottleneck."""
 
     layer: str | None = None
-    keep: int = Field(default=1, gt=0)
+    keep: Count = 1
     mode: Literal["mask", "narrow"] = "mask"
 
 
@@ -250,8 +310,8 @@ class Config(Section):
     rules: list[str] | None = Field(default=None, description="rules to run; default: [rule.name]")
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
-    epochs: int = Field(default=10, gt=0)
-    seeds: list[int] = [0]
+    epochs: Int = Field(default=10, gt=0, le=10**6)
+    seeds: list[Seed] = [0]
     deterministic: bool = False
     alignment: AlignmentConfig = AlignmentConfig()
     bottleneck: BottleneckConfig = BottleneckConfig()
@@ -261,10 +321,18 @@ class Config(Section):
     )
     tensorboard: bool = False
     plots: bool = Field(default=True, description="write plots/*.png after the run")
+    diverge_factor: float = Field(
+        default=100.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="a (rule, seed) pair stops as diverged when a training loss exceeds this "
+        "multiple of its first loss (besides a non-finite loss); 0: only non-finite losses",
+    )
     device: str = "cpu"
-    threads: int = Field(
+    threads: Int = Field(
         default=0,
         ge=0,
+        le=4096,
         description="CPU threads of torch (torch.set_num_threads); 0 keeps torch's default",
     )
     out: str | None = None
@@ -277,6 +345,9 @@ class Config(Section):
                 raise ValueError("rules must name at least one rule")
             for r in rules:
                 known_rule(r)
+            repeated = sorted({r for r in rules if rules.count(r) > 1})
+            if repeated:
+                raise ValueError(f"rules repeat: {', '.join(repeated)}")
         return rules
 
     @field_validator("seeds")
@@ -299,6 +370,13 @@ class Config(Section):
             ) from None
         return device
 
+    @field_validator("out")
+    @classmethod
+    def _out(cls, out: str | None) -> str | None:
+        if out is not None and not out.strip():
+            raise ValueError("out is empty: give a directory (or leave out unset)")
+        return out
+
     def run_rules(self) -> list[str]:
         """The rules this config runs."""
         return list(self.rules) if self.rules else [self.rule.name]
@@ -308,6 +386,17 @@ class Config(Section):
         for rule in self.rule_overrides:
             known_rule(rule)
             self.for_rule(rule)
+        return self
+
+    def check_rule_options(self) -> Config:
+        """``ConfigError`` for a ``rule`` option that none of the config's rules uses (e.g.
+        ``rule.layout`` without a direct rule): a setting that would be silently ignored.
+        Checked where a config names all the rules it runs (``train``, ``compare``, a grid's
+        setting), not on a grid cell's one-rule config."""
+        try:
+            self.rule.check_used(self.run_rules())
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return self
 
     def for_rule(self, rule: str) -> Config:
@@ -361,7 +450,7 @@ def _describe(err: Mapping[str, Any]) -> str:
         return f"unknown config key {key!r}{_closest(key)}"
     msg = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "value_error":
-        return f"{key}: {msg}"
+        return f"{key}: {msg}" if key else msg
     return f"{key}: {msg} (got {err['input']!r})"
 
 
@@ -415,9 +504,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from ``path``; ``ConfigError`` for a missing file or bad YAML."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode()
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a YAML file (binary content)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -348,6 +348,20 @@ def _final(cell: Cell, out: Path) -> str:
     return f"test accuracy {100 * float(rows[-1]['test_acc']):.2f}%" if rows else "no rows"
 
 
+def _check_before_writing(cells: Sequence[Cell], out: Path) -> None:
+    """Errors that need no data, for every cell (device, model options, optimizer), and a
+    ``biograd train``/``compare`` run in ``out``: found before the grid writes anything."""
+    from .runner import check_grid_dir
+    from .trainer import check
+
+    check_grid_dir(out)
+    for c in cells:
+        try:
+            check(c.config)
+        except ConfigError as e:
+            raise ConfigError(f"cell {c.name}: {e}") from None
+
+
 def reproduce_grid(
     spec_path: Path,
     out: Path,
@@ -372,6 +386,7 @@ def reproduce_grid(
                 f"--cell {cell}: this grid has cells 0..{len(cells) - 1} (see --list)"
             )
         cells = [cells[cell]]
+    _check_before_writing(cells, out)
     out.mkdir(parents=True, exist_ok=True)
     grid = yaml.safe_dump({"scale": scale, "spec": spec.model_dump(mode="json")}, sort_keys=False)
     _write_atomic(out / "grid.yaml", grid)

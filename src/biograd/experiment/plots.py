@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from collections import defaultdict
@@ -28,12 +27,11 @@ _RULE_ORDER = ("bp", "fa", "usf", "frsf", "brsf", "kp", "dfa", "sdfa", "drtp", "
 
 
 def read_csv(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a CSV file with a header; an empty list for a missing or empty file."""
-    path = Path(path)
-    if not path.exists() or path.stat().st_size == 0:
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    """Rows of a CSV file with a header; an empty list for a missing or empty file (a torn last
+    line dropped, ``DataError`` for a damaged file: see :mod:`biograd.experiment.csvlog`)."""
+    from .csvlog import read_rows
+
+    return read_rows(path)
 
 
 def _num(value: Any) -> float:

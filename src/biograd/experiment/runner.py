@@ -121,9 +121,18 @@ def _config_roots() -> list[Path]:
 
 def load_spec(path: Path) -> Spec:
     """Read and validate a spec file."""
+    data = read_yaml(path)
     try:
-        return Spec.model_validate(read_yaml(path))
+        return Spec.model_validate(data)
     except ValidationError as e:
+        unknown = [
+            ".".join(map(str, err["loc"])) for err in e.errors() if err["type"] == "extra_forbidden"
+        ]
+        if unknown:  # most likely a run config given to reproduce
+            raise ConfigError(
+                f"{path} is not a reproduction spec (unknown key {unknown[0]!r}; a spec has "
+                f"{', '.join(Spec.model_fields)}); a run config trains with: biograd train {path}"
+            ) from None
         raise ConfigError(f"{path}: " + "; ".join(_describe(err) for err in e.errors())) from None
 
 
@@ -158,7 +167,7 @@ def cell_configs(spec: Spec, scale: str, data_dir: str | None = None) -> dict[st
         if data_dir is not None:
             items.append(("data.root", data_dir))
         try:
-            out[setting] = validate(apply_overrides(spec.base, items))
+            out[setting] = validate(apply_overrides(spec.base, items)).check_rule_options()
         except ConfigError as e:
             raise ConfigError(f"setting {setting!r}: {e}") from None
     return out
@@ -181,6 +190,17 @@ def reproduce(
     return reproduce_grid(
         spec_path, out, scale=scale, data_dir=data_dir, progress=progress, echo=echo, jobs=jobs
     )
+
+
+def check_grid_dir(out: Path) -> None:
+    """``ConfigError`` when ``out`` holds a run of ``biograd train``/``compare`` (its own
+    ``config.yaml`` or ``metrics.csv``): a grid must not replace that run's results."""
+    for name in ("config.yaml", "metrics.csv"):
+        if (out / name).exists():
+            raise ConfigError(
+                f"{out} holds a biograd train/compare run ({name}), not a reproduction grid; "
+                "choose another --out"
+            )
 
 
 def grid_rows(out: Path, spec: Spec, scale: str = "full") -> list[dict[str, Any]]:

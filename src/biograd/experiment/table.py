@@ -9,9 +9,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from .trainer import read_rows
+from .config import read_yaml
+from .trainer import read_diverged, read_rows
 
 
 @dataclass
@@ -24,6 +23,8 @@ class RuleSummary:
     test_acc: list[float]
     epoch_time_s: float
     angles: dict[str, float] = field(default_factory=dict)
+    diverged: list[int] = field(default_factory=list)
+    """Seeds whose last attempt diverged (their row is the last epoch before it)."""
 
     @property
     def mean(self) -> float:
@@ -63,6 +64,10 @@ def summarize(run_dir: str | Path) -> list[RuleSummary]:
         if cell not in final or step >= final[cell][0]:
             final[cell] = (step, float(row["angle"]))
 
+    diverged: dict[str, list[int]] = {}
+    for row in read_diverged(run_dir):
+        diverged.setdefault(row["rule"], []).append(int(float(row["seed"])))
+
     out: list[RuleSummary] = []
     for rule in dict.fromkeys(r for r, _ in last):
         seeds = [s for r, s in last if r == rule]
@@ -79,6 +84,7 @@ def summarize(run_dir: str | Path) -> list[RuleSummary]:
                 test_acc=[float(r["test_acc"]) for r in rows],
                 epoch_time_s=statistics.fmean(t for s in seeds for t in times[(rule, s)]),
                 angles={k: statistics.fmean(v) for k, v in layers.items()},
+                diverged=sorted(diverged.get(rule, [])),
             )
         )
     return out
@@ -101,9 +107,47 @@ def markdown(summaries: list[RuleSummary]) -> str:
             f"{s.angles[k]:.1f}" if k in s.angles and math.isfinite(s.angles[k]) else "-"
             for k in layers
         ]
-        cells = [s.rule, mean_std(s.test_acc), *angles, f"{s.epoch_time_s:.2f}"]
+        name = s.rule + (" (diverged)" if s.diverged else "")
+        cells = [name, mean_std(s.test_acc), *angles, f"{s.epoch_time_s:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def early_stops(run_dir: str | Path) -> list[str]:
+    """One line per (rule, seed) of the run's ``config.yaml`` that did not reach its last
+    epoch: diverged (from ``diverged.csv``), or stopped (interrupted, or still running)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return []
+    cfg = read_yaml(path)
+    epochs = cfg.get("epochs")
+    rules = cfg.get("rules") or [(cfg.get("rule") or {}).get("name", "bp")]
+    seeds = cfg.get("seeds") or [0]
+    if not isinstance(epochs, int) or not isinstance(rules, list) or not isinstance(seeds, list):
+        return []
+    reached: dict[tuple[str, str], int] = {}
+    for row in read_rows(run_dir / "metrics.csv"):
+        key = (row["rule"], row["seed"])
+        reached[key] = max(reached.get(key, 0), int(float(row["epoch"])))
+    why = {(r["rule"], r["seed"]): r for r in read_diverged(run_dir)}
+    lines = []
+    for rule in rules:
+        for seed in seeds:
+            key = (str(rule), str(seed))
+            done = reached.get(key, 0)
+            if key in why:
+                d = why[key]
+                lines.append(
+                    f"{rule} seed {seed} diverged in epoch {d['epoch']} (loss {float(d['loss']):.4g},"
+                    f" limit {float(d['limit']):.4g}) after {done} of {epochs} epochs"
+                )
+            elif done < epochs:
+                lines.append(
+                    f"{rule} seed {seed} stopped after {done} of {epochs} epochs "
+                    "(interrupted, or still running)"
+                )
+    return lines
 
 
 def title(run_dir: Path) -> str:
@@ -111,7 +155,7 @@ def title(run_dir: Path) -> str:
     path = run_dir / "config.yaml"
     if not path.exists():
         return run_dir.name
-    cfg = yaml.safe_load(path.read_text()) or {}
+    cfg = read_yaml(path)
     data, model = cfg.get("data", {}), cfg.get("model", {})
     options = ", ".join(f"{k}={v}" for k, v in model.items() if k != "name")
     seeds = cfg.get("seeds", [])
@@ -130,6 +174,9 @@ def write_results(run_dir: str | Path) -> str:
         "Test accuracy after the last epoch; ∠ is the angle between the rule's weight update and "
         "backprop's on the last measured batch (0° = backprop; `<network>` = all layers at once)."
     )
+    stops = early_stops(run_dir)
+    if stops:
+        table += "\n\nThis run stopped early: " + "; ".join(stops) + "."
     text = f"# {title(run_dir)}\n\n{table}\n\n{note}\n"
     (run_dir / "results.md").write_text(text)
     return table

@@ -17,8 +17,9 @@ accuracies are summed over ranks; rank 0 writes every file; a checkpoint holds t
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import dataclasses
+import importlib
 import math
 import os
 import random
@@ -38,8 +39,9 @@ from .. import distributed
 from ..convert import convert, needs_targets, set_targets, update_feedback
 from ..errors import BiogradError, ConfigError, DivergedError
 from ..rules import get_rule
+from . import csvlog
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, dump, read_yaml, save_config
+from .config import Config, dump, read_yaml, save_config, validate
 
 METRICS_COLUMNS = (
     "rule",
@@ -53,6 +55,13 @@ METRICS_COLUMNS = (
     "epoch_time_s",
     "lr",
 )
+
+
+DIVERGED_CSV = "diverged.csv"
+DIVERGED_COLUMNS = ("rule", "seed", "epoch", "step", "loss", "limit")
+"""``diverged.csv``: the (rule, seed) pairs whose loss diverged, where, and the limit it passed."""
+
+append_row = csvlog.append_row
 
 
 def checkpoint_path(run_dir: Path, rule: str, seed: int) -> Path:
@@ -169,8 +178,12 @@ def build(cfg: Config, rule: str, seed: int, in_shape: tuple[int, ...], classes:
 
         model = make_model(m.factory, m.factory_kwargs(), in_shape, classes).to(cfg.device)
     else:
-        model = build_model(m.name, in_shape=in_shape, classes=classes, **m.kwargs())
-        model = model.to(cfg.device)
+        try:
+            model = build_model(m.name, in_shape=in_shape, classes=classes, **m.kwargs())
+            model = model.to(cfg.device)
+        except (TypeError, ValueError, RuntimeError) as e:  # a model argument it rejects
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"model {m.name!r} with {m.kwargs()}: {reason}") from None
     b = cfg.bottleneck
     if b.layer is not None:
         from ..bottleneck import apply_bottleneck
@@ -266,57 +279,41 @@ def evaluate(
     return loss_sum / max(n, 1), correct / max(n, 1)
 
 
-def append_row(path: Path, row: dict[str, Any], columns: Iterable[str]) -> None:
-    """Append ``row`` to a CSV file, with a header when the file is new."""
-    columns = list(columns)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: row[k] for k in columns})
-
-
 def drop_rows(path: Path, rule: str, seed: int, after_epoch: int) -> None:
     """Remove the rows of (``rule``, ``seed``) with an epoch above ``after_epoch`` (rows of an
-    epoch that a killed run did not finish), atomically."""
-    if not path.exists():
-        return
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        rows = list(reader)
-    keep = [
-        r
-        for r in rows
-        if not (r["rule"] == rule and r["seed"] == str(seed) and int(r["epoch"]) > after_epoch)
-    ]
-    if len(keep) == len(rows):
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(keep)
-    os.replace(tmp, path)
+    epoch that a killed run did not finish) and a torn last line, atomically."""
+    csvlog.drop_rows(
+        path,
+        lambda r: r["rule"] == rule and r["seed"] == str(seed) and float(r["epoch"]) > after_epoch,
+        numeric=("epoch",),
+    )
 
 
 def parse_row(row: dict[str, str]) -> dict[str, Any]:
     """A ``metrics.csv`` row with numbers for its numeric columns."""
     out: dict[str, Any] = dict(row)
     for key in ("seed", "epoch", "step"):
-        out[key] = int(row[key])
+        out[key] = int(float(row[key]))
     for key in METRICS_COLUMNS[4:]:
         out[key] = float(row[key])
     return out
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a CSV file (empty when it does not exist)."""
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    """The rows of a CSV file (empty when it does not exist; a torn last line dropped;
+    ``DataError`` for a damaged file). ``metrics.csv`` rows are checked column by column."""
+    if path.name == "metrics.csv":
+        return csvlog.read_rows(path, numeric=METRICS_COLUMNS[1:], required=METRICS_COLUMNS)
+    if path.name == "alignment.csv":
+        from ..alignment import CSV_COLUMNS
+
+        return csvlog.read_rows(path, numeric=CSV_COLUMNS[6:], required=CSV_COLUMNS)
+    return csvlog.read_rows(path)
+
+
+def read_diverged(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of ``diverged.csv``: one per (rule, seed) whose last attempt diverged."""
+    return csvlog.read_rows(run_dir / DIVERGED_CSV, required=DIVERGED_COLUMNS)
 
 
 # --- one (rule, seed) pair --------------------------------------------------------------------
@@ -351,6 +348,7 @@ def train_one(
     ckpt = checkpoint_path(run_dir, rule, seed)
     metrics_csv, alignment_csv = run_dir / "metrics.csv", run_dir / "alignment.csv"
     epoch, step = 0, 0
+    initial: float | None = None  # the first step's loss: the divergence guard's reference
     if ckpt.exists():
         state = load_checkpoint(ckpt)
         try:
@@ -360,7 +358,8 @@ def train_one(
                 sched.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
             epoch, step = int(state["epoch"]), int(state["step"])
-        except (KeyError, RuntimeError, ValueError) as e:
+            initial = state.get("initial_loss")
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise BiogradError(
                 f"checkpoint {ckpt} does not fit this run ({reason}); delete it to restart"
@@ -368,6 +367,9 @@ def train_one(
     if main:
         drop_rows(metrics_csv, rule, seed, epoch)
         drop_rows(alignment_csv, rule, seed, epoch)
+        csvlog.drop_rows(
+            run_dir / DIVERGED_CSV, lambda r: r["rule"] == rule and r["seed"] == str(seed)
+        )
     if epoch >= cfg.epochs:
         rows = [r for r in read_rows(metrics_csv) if r["rule"] == rule and r["seed"] == str(seed)]
         return parse_row(rows[-1]) if rows else {}
@@ -414,8 +416,22 @@ def train_one(
                 out = net(x)
                 loss = F.cross_entropy(out, y)
                 value = _global_mean(loss)
-                if not math.isfinite(value):
-                    raise DivergedError(_diverged(rule, seed, value, epoch + 1, step, ckpt))
+                if initial is None and math.isfinite(value):
+                    initial = value
+                limit = cfg.diverge_factor * initial if cfg.diverge_factor and initial else math.inf
+                if not math.isfinite(value) or value > limit:
+                    if main:
+                        append_row(
+                            run_dir / DIVERGED_CSV,
+                            {"rule": rule, "seed": seed, "epoch": epoch + 1, "step": step,
+                             "loss": value, "limit": limit},
+                            DIVERGED_COLUMNS,
+                        )  # fmt: skip
+                    raise DivergedError(
+                        _diverged(
+                            rule, seed, value, limit, cfg.diverge_factor, epoch + 1, step, ckpt
+                        )
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -464,6 +480,7 @@ def train_one(
                         "step": step,
                         "rule": rule,
                         "seed": seed,
+                        "initial_loss": initial,
                     },
                     ckpt,
                 )
@@ -490,11 +507,25 @@ def _global_mean(loss: Tensor) -> float:
     return distributed.all_reduce_sum(loss.detach().reshape(1)).item() / distributed.world_size()
 
 
-def _diverged(rule: str, seed: int, value: float, epoch: int, step: int, ckpt: Path) -> str:
+def _diverged(
+    rule: str,
+    seed: int,
+    value: float,
+    limit: float,
+    factor: float,
+    epoch: int,
+    step: int,
+    ckpt: Path,
+) -> str:
     kept = f"kept {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
+    why = (
+        ""
+        if not math.isfinite(value)
+        else f" (above {limit:.4g} = diverge_factor {factor:g} x its first loss)"
+    )
     return (
-        f"{rule} seed {seed} diverged: loss {value} at epoch {epoch}, step {step}; {kept}; "
-        "try a smaller optim.lr"
+        f"{rule} seed {seed} diverged: loss {value:.4g} at epoch {epoch}, step {step}{why}; "
+        f"{kept}; try a smaller optim.lr"
     )
 
 
@@ -507,30 +538,47 @@ def _tensorboard(run_dir: Path, rule: str, seed: int) -> Any:
 # --- a whole run ------------------------------------------------------------------------------
 
 
+# Keys that cannot change what a run computes: a run resumes when only these differ.
+_RESULT_FREE = ("out", "plots", "tensorboard", "data.download")
+
+
+def _result_free(key: str, cfg: Config) -> bool:
+    from ..data.datasets import ROOT_INDEPENDENT
+
+    return key in _RESULT_FREE or (key == "data.root" and cfg.data.name in ROOT_INDEPENDENT)
+
+
 def prepare(cfg: Config, run_dir: Path, *, resume: bool) -> None:
     """Check that ``run_dir`` can take this run and write ``config.yaml`` (before anything else
-    is written): a fresh run needs an unused directory; a resumed one the same config."""
+    is written): a fresh run needs an unused directory; a resumed one the same config, keys that
+    cannot change the result aside (``out``, ``plots``, the data root of a data set whose files
+    are embedded or checksum-verified, ...). Call with the run's lock held."""
     saved = run_dir / "config.yaml"
+    if (run_dir / "grid.yaml").exists():
+        raise ConfigError(
+            f"{run_dir} holds a reproduction grid (biograd reproduce), not a run; choose another "
+            "output directory"
+        )
     if saved.exists():
         if not resume:
             raise ConfigError(
                 f"{run_dir} already holds a run; continue it with --resume, or choose another "
                 "output directory"
             )
-        changed = sorted(_diff(read_yaml(saved), dump(cfg)))
+        old: dict[str, Any] = read_yaml(saved)
+        with contextlib.suppress(ConfigError):  # this version's defaults filled in
+            old = dump(validate(old))
+        changed = sorted(k for k in _diff(old, dump(cfg)) if not _result_free(k, cfg))
         if changed:
             raise ConfigError(
                 f"{run_dir} holds a run with another config (it differs in {', '.join(changed)}); "
                 "choose another output directory"
             )
         return
-    if cfg.tensorboard:
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "tensorboard=true needs the tensorboard package: pip install tensorboard"
-            ) from None
+    if (run_dir / "metrics.csv").exists():
+        raise ConfigError(
+            f"{run_dir} holds metrics.csv but no config.yaml; choose another directory"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, saved)
 
@@ -541,6 +589,25 @@ def _diff(a: Any, b: Any, prefix: str = "") -> Iterable[str]:
             yield from _diff(a.get(key), b.get(key), f"{prefix}{key}.")
     elif a != b:
         yield prefix.rstrip(".")
+
+
+def check_device(name: str) -> None:
+    """``ConfigError`` unless torch can train on device ``name`` here."""
+    device = torch.device(name)
+    kind = device.type
+    if kind == "cpu":
+        return
+    backend = getattr(torch, kind, None) if kind in ("cuda", "xpu", "mps") else None
+    if backend is None:
+        raise ConfigError(f"device={name}: biograd trains on cpu, cuda, xpu or mps")
+    available = getattr(backend, "is_available", lambda: False)()
+    if kind == "mps":
+        available = torch.backends.mps.is_available()
+    if not available:
+        raise ConfigError(f"device={name}: torch sees no {kind} device here")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"device={name}: torch sees {count} {kind} device(s) here")
 
 
 def check(cfg: Config) -> None:
@@ -563,10 +630,25 @@ def check(cfg: Config) -> None:
             raise ConfigError(
                 f"unknown config key 'model.{key}' for model {cfg.model.name!r}{hint}"
             )
-    base_optimizer(cfg, [nn.Parameter(torch.zeros(1))])
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={cfg.device}: torch sees no CUDA device here")
+    for rule in cfg.run_rules():
+        base_optimizer(cfg.for_rule(rule), [nn.Parameter(torch.zeros(1))])
+    check_device(cfg.device)
+    if cfg.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError:
+            raise ConfigError(
+                "tensorboard=true needs the tensorboard package: pip install tensorboard"
+            ) from None
+
+
+def dry_build(cfg: Config, data: tuple[Any, Any]) -> None:
+    """Build (and convert) the model of every rule once, so that a model argument or rule
+    option that only the model or ``convert`` can check fails before the run directory is
+    written (``ConfigError``)."""
+    train = data[0]
+    for rule in cfg.run_rules():
+        build(cfg.for_rule(rule), rule, cfg.seeds[0], tuple(train.shape), train.classes)
 
 
 def run(
@@ -581,9 +663,14 @@ def run(
     """Train every (rule, seed) pair of ``cfg`` into ``run_dir``; returns their last metrics rows
     and ``echo``es one summary line per pair; ``on_epoch`` gets every new metrics row.
 
-    Raises ``ConfigError``/``DataError`` before anything is written, and ``DivergedError`` when
-    a loss stops being finite (the run directory keeps everything written until then).
+    Raises ``ConfigError``/``DataError`` before anything is written, and ``RunLockedError``
+    when another process writes ``run_dir`` (see :mod:`biograd.experiment.lock`). A pair whose
+    loss diverges (not finite, or above ``diverge_factor`` times its first loss) stops and is
+    recorded in ``diverged.csv``; the other pairs still train, and then ``DivergedError`` names
+    the diverged ones (the run directory keeps everything written until then).
     """
+    from .lock import RunLock
+
     run_dir = Path(run_dir)
     _, world = distributed.init()
     if cfg.data.batch_size % world:
@@ -598,10 +685,30 @@ def run(
         from .factory import check_model
 
         check_model(cfg, data[0])
-    distributed.on_main_first(lambda: prepare(cfg, run_dir, resume=resume), others=False)
+    dry_build(cfg, data)
+    lock = RunLock(run_dir)
+    if distributed.is_main():
+        lock.acquire()
+    try:
+        distributed.on_main_first(lambda: prepare(cfg, run_dir, resume=resume), others=False)
+        lock.mark()
+        return _train_all(cfg, run_dir, data, progress, echo, on_epoch)
+    finally:
+        lock.release()
+
+
+def _train_all(
+    cfg: Config,
+    run_dir: Path,
+    data: tuple[Any, Any],
+    progress: bool,
+    echo: Callable[[str], None] | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> list[dict[str, Any]]:
     if not distributed.is_main():
         echo = on_epoch = None
     results = []
+    diverged: list[DivergedError] = []
     flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     threads = torch.get_num_threads()
     if cfg.threads:
@@ -609,9 +716,15 @@ def run(
     try:
         for rule in cfg.run_rules():
             for seed in cfg.seeds:
-                row = train_one(
-                    cfg, rule, seed, run_dir, data, progress=progress, on_epoch=on_epoch
-                )
+                try:
+                    row = train_one(
+                        cfg, rule, seed, run_dir, data, progress=progress, on_epoch=on_epoch
+                    )
+                except DivergedError as e:  # this pair stops; the others still train
+                    diverged.append(e)
+                    if echo is not None:
+                        echo(f"{rule:>6} seed {seed}: diverged, {str(e).partition(': ')[2]}")
+                    continue
                 results.append(row)
                 if echo is not None and row:
                     echo(
@@ -622,6 +735,13 @@ def run(
         torch.use_deterministic_algorithms(flags[0])
         torch.backends.cudnn.benchmark = flags[1]
         torch.set_num_threads(threads)
+    if len(diverged) == 1:
+        raise diverged[0]
+    if diverged:
+        raise DivergedError(
+            f"{len(diverged)} runs diverged (the others finished): "
+            + "; ".join(str(e) for e in diverged)
+        )
     return results
 
 

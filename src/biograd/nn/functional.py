@@ -52,13 +52,19 @@ def _rule(
     return (GIVEN, (feedback,)) if isinstance(feedback, Tensor) else (feedback, tuple(state))
 
 
-def _saved(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
-    """The input, the weight, B (all in ``grad_out``'s dtype: under autocast the forward ran in
-    lower precision; autograd casts each gradient back to its input's dtype) and the state."""
+def _saved(
+    ctx: Any, grad_out: Tensor, need_b: bool
+) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
+    """The input and B (both in ``grad_out``'s dtype: under autocast the forward ran in lower
+    precision; autograd casts each gradient back to its input's dtype) and the state. B is formed
+    only when the input gradient is needed (``need_b``; never for a first layer)."""
     x, weight, *state = ctx.saved_tensors
-    b = ctx.rule.matrix(weight, *state)
     dt = grad_out.dtype
-    return x.to(dt), weight.to(dt), (weight if b is None else b).to(dt), tuple(state)
+    b = None
+    if need_b:
+        b = ctx.rule.matrix(weight, *state)
+        b = (weight if b is None else b).to(dt)
+    return x.to(dt), b, tuple(state)
 
 
 def _state_grads(ctx: Any, grad_w: Tensor | None, state: tuple[Tensor, ...]) -> list[Any]:
@@ -84,11 +90,12 @@ class LinearFeedback(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, _, b, state = _saved(ctx, grad_out)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_w = need_w or any(ctx.needs_input_grad[4:])
+        x, b, state = _saved(ctx, grad_out, need_x)
+        grad_x = grad_out.matmul(b) if b is not None else None
+        del b  # a B formed here is freed before the weight gradient is allocated
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = grad_out.matmul(b) if need_x else None
         grad_w = g2.t().matmul(x.reshape(-1, x.shape[-1])) if need_w else None
         grad_b = g2.sum(0) if need_b and ctx.has_bias else None
         extra = _state_grads(ctx, grad_w, state)
@@ -121,10 +128,12 @@ class ConvFeedback(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, _, b, state = _saved(ctx, grad_out)
         stride, padding, dilation, groups = ctx.conv_args
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_w = need_w or any(ctx.needs_input_grad[8:])
+        x, b, state = _saved(ctx, grad_out, need_x)
+        if b is None:  # the weight's shape and dtype is all convolution_backward needs of it
+            b = ctx.saved_tensors[1].to(grad_out.dtype)
         mask = [need_x, need_w, need_b and ctx.bias_sizes is not None]
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out, x, b, ctx.bias_sizes, list(stride), list(padding), list(dilation), False,

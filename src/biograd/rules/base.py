@@ -78,16 +78,6 @@ def mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def hashed_uniform(shape: torch.Size, key: Tensor, dtype: torch.dtype) -> Tensor:
-    """U(0, 1) entries of ``shape`` that are a pure function of the int64 tensor ``key``:
-    ``u_i = ((mix(mix(i + c) XOR key) >> 8) + 1/2) / 2^24`` (``c`` = 0x9E3779B9) on ``key``'s
-    device, never 0, with no generator object and no host synchronisation (a counter-based draw
-    in the spirit of Salmon et al. 2011)."""
-    i = torch.arange(math.prod(shape), device=key.device, dtype=torch.int64)
-    h = mix32(mix32(i + 0x9E3779B9) ^ (key & MASK32))
-    return (h >> 8).to(torch.float32).add_(0.5).mul_(2.0**-24).to(dtype).reshape(shape)
-
-
 class Rule(nn.Module):
     """A learning rule for one layer, with its state.
 

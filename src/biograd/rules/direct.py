@@ -98,6 +98,12 @@ class DRTP(DirectRule):
                     f"drtp: {t.numel()} targets for an output error of {rows} rows "
                     "(hand over one class index per row, or a (rows, C) target distribution)"
                 )
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= classes):
+                bad = int(t.max()) if int(t.max()) >= classes else int(t.min())
+                raise FeedbackError(
+                    f"drtp: target class {bad} is outside 0..{classes - 1} "
+                    f"(the output has {classes} classes)"
+                )
             onehot = torch.zeros_like(e).scatter_(1, t.unsqueeze(1), 1.0)
         return -onehot / rows
 

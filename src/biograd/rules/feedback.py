@@ -4,12 +4,11 @@ from the rule's state and W; nothing is built in the forward pass."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .base import Rule, hashed_uniform, mix32, register, uniform_like
+from . import draw
+from .base import Rule, register, uniform_like
 
 
 @register
@@ -54,7 +53,7 @@ class UniformSignFeedback(Rule):
         return {"scale": _scale(like, self.std)}
 
     def matrix(self, weight: Tensor, *state: Tensor) -> Tensor | None:
-        return torch.sign(weight).mul_(state[0])
+        return torch.copysign(state[0], weight)  # one pass over W
 
 
 @register
@@ -69,7 +68,7 @@ class FixedRandomSignFeedback(Rule):
         return {"magnitude": uniform_like(like, self.std, self.seed).abs()}
 
     def matrix(self, weight: Tensor, *state: Tensor) -> Tensor | None:
-        return torch.sign(weight).mul_(state[0])
+        return torch.copysign(state[0], weight)  # one pass over W and |R|
 
 
 @register
@@ -78,10 +77,11 @@ class BatchRandomSignFeedback(Rule):
     every training forward pass (Liao et al. 2016, "brSF").
 
     ``t`` is the int64 buffer ``step`` (training passes so far) and ``key`` an int64 buffer
-    made from the layer's seed. |R_t| ~ U(0, sqrt(3) s) is a counter-based draw keyed by
-    (key, t) (:func:`biograd.rules.base.hashed_uniform`), made in the backward pass on the
-    weight's device: a resumed run draws the same R_t as an uninterrupted one, and every DDP
-    rank draws the same values.
+    made from the layer's seed (:func:`biograd.rules.draw.seed_key`). |R_t| is
+    ``U(0, sqrt(3) s)`` (the magnitude of fa's B) on 256 levels: one counter-based random byte per
+    weight keyed by (key, t) (:mod:`biograd.rules.draw`), made in the backward pass on the
+    weight's device from the buffers alone: a resumed run draws the same R_t as an uninterrupted
+    one, and every device and DDP rank draws the same values.
     """
 
     name = "brsf"
@@ -90,7 +90,7 @@ class BatchRandomSignFeedback(Rule):
 
     def initial_state(self, like: Tensor) -> dict[str, Tensor]:
         step = torch.zeros((), dtype=torch.int64, device=like.device)
-        key = torch.tensor(self.seed & 0xFFFFFFFF, dtype=torch.int64, device=like.device)
+        key = torch.tensor(draw.seed_key(self.seed), dtype=torch.int64, device=like.device)
         return {"scale": _scale(like, self.std), "step": step, "key": key}
 
     # Eager under torch.compile: a compiled graph hands the backward the step after the increment.
@@ -106,10 +106,9 @@ class BatchRandomSignFeedback(Rule):
 
     def matrix(self, weight: Tensor, *state: Tensor) -> Tensor | None:
         scale, step, key = state
-        key = mix32(mix32(step) ^ key)
-        r = hashed_uniform(weight.shape, key.to(weight.device), weight.dtype)
-        # |U(-a, a)| is U(0, a): the magnitudes of the same distribution as fa's B.
-        return r.mul_(torch.sign(weight)).mul_(math.sqrt(3.0) * scale)
+        k = draw.step_key(key.to(weight.device), step.to(weight.device))
+        mag = draw.magnitudes(weight.shape, scale, k, weight.dtype)
+        return torch.copysign(mag, weight, out=mag)
 
 
 @register

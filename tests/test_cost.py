@@ -1,0 +1,97 @@
+"""What the feedback-alignment family keeps and forms (issue 16): nothing weight-sized from the
+forward pass to the backward pass beyond W and the rule's own state, B formed only in the backward
+and only when the input gradient is needed, and kp's gradient as a distinct copy of W's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import biograd
+
+FAMILY = ("fa", "usf", "frsf", "brsf", "kp")
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 5 * 5, 16),
+        nn.Tanh(),
+        nn.Linear(16, 3),
+    )
+
+
+@contextmanager
+def _saved() -> Iterator[list[Tensor]]:
+    packed: list[Tensor] = []
+
+    def pack(t: Tensor) -> Tensor:
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield packed
+
+
+@pytest.mark.parametrize("rule", FAMILY)
+def test_forward_saves_no_weight_sized_tensor_but_w_and_the_rules_state(rule: str) -> None:
+    model = biograd.convert(_model(), rule, seed=0)
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    weights = {tuple(m.weight.shape) for _, m in biograd.converted_layers(model)}
+    x = torch.randn(4, 2, 5, 5)
+    with _saved() as packed:
+        out = model(x)
+    for t in packed:
+        if tuple(t.shape) in weights:
+            assert t.untyped_storage().data_ptr() in own, (rule, tuple(t.shape))
+    out.sum().backward()  # the saved tensors suffice
+
+
+@pytest.mark.parametrize("rule", FAMILY)
+def test_b_is_formed_in_the_backward_and_only_for_an_input_gradient(
+    rule: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = biograd.convert(_model(), rule, seed=0)
+    calls: list[str] = []
+    for name, layer in biograd.converted_layers(model):
+        original = layer.rule.matrix
+
+        def spy(weight: Tensor, *state: Tensor, _name: str = name, _f=original) -> Tensor | None:
+            calls.append(_name)
+            return _f(weight, *state)
+
+        monkeypatch.setattr(layer.rule, "matrix", spy)
+    out = model(torch.randn(4, 2, 5, 5))
+    assert calls == []  # nothing in the forward pass
+    out.sum().backward()
+    # the first layer's input needs no gradient: no B; the others once each
+    assert sorted(calls) == ["3", "5"]
+    calls.clear()
+    x = torch.randn(4, 2, 5, 5, requires_grad=True)
+    model(x).sum().backward()
+    assert sorted(calls) == ["0", "3", "5"]
+
+
+def test_kp_feedback_gradient_is_a_distinct_copy() -> None:
+    """W.grad and B.grad are equal but distinct: in-place gradient code (accumulation, clipping,
+    GradScaler) must not act twice on one tensor."""
+    torch.manual_seed(0)
+    model = biograd.convert(_model(), "kp", seed=0)
+    x = torch.randn(4, 2, 5, 5)
+    for _ in range(2):  # the second backward accumulates
+        model(x).sum().backward()
+    for _, layer in biograd.converted_layers(model):
+        w, b = layer.weight.grad, layer.rule.feedback.grad
+        assert torch.equal(w, b)
+        assert w.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    torch.manual_seed(0)
+    one = biograd.convert(_model(), "kp", seed=0)
+    one(x).sum().backward()
+    for (_, a), (_, c) in zip(biograd.converted_layers(model), biograd.converted_layers(one)):
+        torch.testing.assert_close(a.rule.feedback.grad, 2 * c.rule.feedback.grad)
