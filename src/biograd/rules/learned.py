@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import Rule, feedback_std, hashed_uniform, mix32, register, uniform_like
+from .base import MASK32, Rule, feedback_std, mix32, register, uniform_like
 from .direct import DirectRule
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -226,9 +226,19 @@ def dkp_grad(point: Tensor, e: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- the rules
+def hashed_uniform(shape: torch.Size, key: Tensor, dtype: torch.dtype) -> Tensor:
+    """U(0, 1) entries of ``shape`` that are a pure function of the int64 tensor ``key``:
+    ``u_i = ((mix(mix(i + c) XOR key) >> 8) + 1/2) / 2^24`` (``c`` = 0x9E3779B9) on ``key``'s
+    device, never 0, with no generator object and no host synchronisation (a counter-based draw
+    in the spirit of Salmon et al. 2011)."""
+    i = torch.arange(math.prod(shape), device=key.device, dtype=torch.int64)
+    h = mix32(mix32(i + 0x9E3779B9) ^ (key & MASK32))
+    return (h >> 8).to(torch.float32).add_(0.5).mul_(2.0**-24).to(dtype).reshape(shape)
+
+
 def _uniform(shape: Sequence[int], std: float, key: Tensor, dtype: torch.dtype) -> Tensor:
     """U(-sqrt(3) std, sqrt(3) std) entries (zero mean, standard deviation ``std``) that are a
-    pure function of ``key`` (:func:`biograd.rules.base.hashed_uniform`), on ``key``'s device."""
+    pure function of ``key`` (:func:`hashed_uniform`), on ``key``'s device."""
     u = hashed_uniform(torch.Size(shape), key, dtype)
     return u.mul_(2.0).sub_(1.0).mul_(math.sqrt(3.0) * std)
 
