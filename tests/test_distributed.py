@@ -18,7 +18,7 @@ from torch import nn
 import biograd
 from biograd import distributed
 
-RULES = ["bp", "fa", "brsf", "kp", "dfa", "sdfa"]
+RULES = ["bp", "fa", "brsf", "kp", "dfa", "sdfa", "wm", "pfa", "dkp"]
 BATCH = 12
 
 
@@ -49,6 +49,7 @@ def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 2) ->
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+        biograd.update_feedback(model)  # wm's mirror step: the same on every rank
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -60,7 +61,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         for rule in RULES:
             plain = _model(rule)
             ignored = distributed.feedback_buffer_names(plain)
-            assert bool(ignored) == (rule not in {"bp", "kp"}), ignored
+            assert bool(ignored) == (rule not in {"bp", "kp", "dkp"}), ignored
             model = distributed.wrap(plain)
             _step(model, x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share])
             if rank == 0:

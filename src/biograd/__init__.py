@@ -49,7 +49,7 @@ def __getattr__(name: str) -> Any:
 
 
 RULES: tuple[str, ...] = rule_names()
-"""Names of every learning rule: ``bp fa usf frsf brsf kp dfa sdfa drtp shallow``."""
+"""Names of every learning rule: ``bp fa usf frsf brsf kp dfa sdfa drtp shallow wm pfa dkp``."""
 
 __version__ = "0.1.0"
 

@@ -136,6 +136,7 @@ def convert(
     feedback_points: Sequence[str] | None = None,
     example_input: Any = None,
     hashed_rows: int = 1024,
+    options: Mapping[str, Any] | None = None,
     verbose: bool = False,
 ) -> nn.Module:
     """Put every ``nn.Linear`` and ``nn.Conv{1,2,3}d`` of ``model`` on ``rule``, in place.
@@ -158,6 +159,9 @@ def convert(
         example_input: direct rules, optional: a batch (or tuple of positional inputs) run once
             without a backward pass, to find the layers' order and to draw the feedback now
             rather than at the first forward pass (needed before ``DistributedDataParallel``).
+        options: the rules' own keyword options (e.g. ``{"lr": 0.05}``, ``wm``'s mirror rate;
+            ``{"ratio": 4}``, ``pfa``'s expansion ratio; ``docs/rules.md``): each rule of the
+            plan takes those it declares in ``Rule.options``; a name none takes raises.
         verbose: print the conversion report (it is always logged at INFO level on ``biograd``).
 
     Returns:
@@ -166,16 +170,27 @@ def convert(
 
     Raises:
         ValueError: an unknown rule, scale, layout or norm; a model with nothing to convert;
-            direct rules mixed in one model; an unknown output layer.
+            direct rules mixed in one model; an unknown output layer; an unknown or invalid
+            rule option.
     """
     overrides, exclude = _check_arguments(rule, seed, overrides, exclude)
     plan = _plan(model, rule, overrides, exclude, scale, output)
+    opts = dict(options or {})
+    takes = {o for r in set(plan.values()) for o in get_rule(r).options}
+    if set(opts) - takes:
+        raise ValueError(
+            f"unknown rule option(s) {', '.join(sorted(set(opts) - takes))} for rule(s) "
+            f"{', '.join(sorted(set(plan.values())))}; they take: {', '.join(sorted(takes)) or 'none'}"
+        )
+    for r in set(plan.values()):
+        get_rule(r).check_options(**{k: v for k, v in opts.items() if k in get_rule(r).options})
     modules = dict(model.named_modules())
     unconvert(model)
     for name, rule_name in plan.items():
         layer = modules[name]
         layer.__class__ = feedback_class(type(layer))
-        set_rule(layer, rule_name, layer_seed(seed, name), scale)
+        own = {k: v for k, v in opts.items() if k in get_rule(rule_name).options}
+        set_rule(layer, rule_name, layer_seed(seed, name), scale, own)
     direct = [r for r in plan.values() if get_rule(r).direct]
     if direct:
         layers = {n: modules[n] for n, r in plan.items() if get_rule(r).direct}

@@ -95,7 +95,7 @@ class DirectFeedback(nn.Module):
         self.last_layer = ""
         # The projected signal s(e) of the backward pass in progress, for the points that
         # activation checkpointing records while it recomputes a segment (reentrant mode).
-        self.signal: Tensor | None = None
+        self.current_signal: Tensor | None = None
         self.served: set[str] = set()  # the points that signal was projected onto
         # The factor by which the loss was scaled before backward (fp16 GradScaler): sdfa's and
         # drtp's signals do not carry it, so the engine multiplies them by it.
@@ -165,16 +165,27 @@ class DirectFeedback(nn.Module):
                 f"the checkpoint holds direct feedback {alien[:3]} of another layout; this model "
                 f"uses layout={self.layout!r}: convert with the layout it was saved with"
             )
-        self.placeholders([n for n in saved if n not in self._buffers])
+        self.placeholders(
+            [n for n in saved if n not in self._buffers and n not in self._parameters]
+        )
         for name, buf in self._buffers.items():
             value = state_dict.get(prefix + name)
             if buf is not None and value is not None and buf.shape != value.shape:
                 self._buffers[name] = torch.empty_like(value, device=buf.device, dtype=buf.dtype)
+        for name, par in self._parameters.items():
+            value = state_dict.get(prefix + name)
+            if par is not None and value is not None and par.shape != value.shape:
+                empty = torch.empty_like(value, device=par.device, dtype=par.dtype)
+                self._parameters[name] = nn.Parameter(empty, par.requires_grad)
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _matrices(self) -> list[Tensor]:
+        """The stored feedback tensors (buffers; dkp's Parameters), sizes left out."""
+        return [b for b in [*self.buffers(), *self.parameters()] if b.is_floating_point()]
 
     def nbytes(self) -> int:
         """Memory held by the feedback matrices, in bytes."""
-        return sum(b.numel() * b.element_size() for b in self.buffers() if b.is_floating_point())
+        return sum(b.numel() * b.element_size() for b in self._matrices())
 
     # ---------------------------------------------------------------- forward protocol
     def record(self, key: str, x: Tensor) -> Tensor:
@@ -206,6 +217,12 @@ class DirectFeedback(nn.Module):
             # run, could not serve this point: it takes its projection of s(e) now.
             # (Non-reentrant checkpointing served the point in that backward already and uses
             # the recomputed tensors as saved values only: detached, as in the forward.)
+            if self.rule.learned_feedback:
+                raise FeedbackError(
+                    f"{self.rule.name} learns its feedback matrices from the points' activities, "
+                    "which reentrant activation checkpointing hides from the output's backward: "
+                    "use torch.utils.checkpoint with use_reentrant=False"
+                )
             late: Tensor = _Receive.apply(x, self, key)
             return late
         return x.detach()
@@ -213,7 +230,7 @@ class DirectFeedback(nn.Module):
     def late_projection(self, key: str, shape: torch.Size) -> Tensor | None:
         """``B_k s(e)`` for point ``key`` of ``shape`` from the signal of the backward pass in
         progress (None for ``shallow`` or before any backward pass)."""
-        s = self.signal
+        s = self.current_signal
         if s is None:
             return None
         bd = self.batch_dims
@@ -256,29 +273,38 @@ class DirectFeedback(nn.Module):
                 "convert again after resizing the output layer"
             )
         keys = [p.key for p in points]
-        result: Tensor = _Inject.apply(out, self, targets, keys, *[p.tensor for p in points])
+        learned = [self.matrix(k) for k in keys] if self.rule.learned_feedback else []
+        result: Tensor = _Inject.apply(
+            out, self, targets, keys, len(points), *[p.tensor for p in points], *learned
+        )
         return result
 
     def project(
         self, e: Tensor, keys: Sequence[str], shapes: Sequence[torch.Size], targets: Tensor | None
     ) -> list[Tensor | None]:
-        """``B_k s(e)`` flattened per sample for each point ``k`` (``None`` for ``shallow``)."""
-        rows = features(e.shape[: self.batch_dims], 0)
-        s = self.rule.signal(e.reshape(rows, -1), targets)
-        self.signal, self.served = None, set(keys)
+        """``B_k s(e)`` flattened per sample for each point ``k`` (``None`` for ``shallow``);
+        ``s(e)`` is kept for points that checkpointing recomputes later in this backward pass."""
+        s = self.signal(e, targets)
+        self.current_signal, self.served = s, set(keys)
         if s is None:
             return [None] * len(keys)
+        ds = [features(shape, self.batch_dims) for shape in shapes]
+        return list(self.project_signal(s, keys, ds))
+
+    def signal(self, e: Tensor, targets: Tensor | None) -> Tensor | None:
+        """The rule's signal ``s(e)``, ``(rows, C)`` in the feedback's dtype (None: shallow)."""
+        rows = features(e.shape[: self.batch_dims], 0)
+        s = self.rule.signal(e.reshape(rows, -1), targets)
+        if s is None:
+            return None
         if self.rule.scale_free and self.loss_scale != 1.0:
             s = s * self.loss_scale
-        dtype = next(b.dtype for b in self.buffers() if b.is_floating_point())
-        ds = [features(shape, self.batch_dims) for shape in shapes]
-        self.signal = s.to(dtype)
-        return list(self.project_signal(self.signal, keys, ds))
+        return s.to(self._matrices()[0].dtype)
 
     # Hooks are bound methods (not closures) so that ``copy.deepcopy`` and pickle of a model
     # rebind them to the copy's engine.
     def clear_hook(self, module: nn.Module, args: Any) -> None:
-        self.points, self.last_layer, self.signal, self.served = [], "", None, set()
+        self.points, self.last_layer, self.current_signal, self.served = [], "", None, set()
 
     def input_hook(self, key: str, module: nn.Module, args: tuple[Any, ...]) -> Any:
         if self.explicit or not args:
@@ -297,31 +323,44 @@ class DirectFeedback(nn.Module):
 
 
 class _Inject(torch.autograd.Function):
-    """Identity on the output; its backward sends ``B_k s(e)`` to every feedback point."""
+    """Identity on the output; its backward sends ``B_k s(e)`` to every feedback point. Under a
+    rule with learned feedback (``dkp``) the matrices ``B_k`` are inputs too, and receive the
+    rule's ``feedback_grad(a_k, s)`` from the points' activities ``a_k``."""
 
     @staticmethod
     def forward(
         out: Tensor, engine: DirectFeedback, targets: Tensor | None, keys: list[str],
-        *points: Tensor,
+        n: int, *tensors: Tensor,
     ) -> Tensor:  # fmt: skip
         return out.view_as(out)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         # forward and setup_context apart: what torch.func.grad needs of a Function
-        _, engine, targets, keys, *points = inputs
-        ctx.engine, ctx.targets, ctx.keys = engine, targets, keys
+        _, engine, targets, keys, n, *tensors = inputs
+        points, learned = tensors[:n], tensors[n:]
+        ctx.engine, ctx.targets, ctx.keys, ctx.learned = engine, targets, keys, bool(learned)
         ctx.shapes = [p.shape for p in points]
         ctx.dtypes = [(p.dtype, p.device) for p in points]
+        if learned:
+            ctx.save_for_backward(*points)
 
     @staticmethod
     def backward(ctx: Any, e: Tensor) -> tuple[Tensor | None, ...]:
-        flat = ctx.engine.project(e, ctx.keys, ctx.shapes, ctx.targets)
+        engine: DirectFeedback = ctx.engine
+        flat = engine.project(e, ctx.keys, ctx.shapes, ctx.targets)
+        s = engine.current_signal
         grads = [
             None if f is None else f.to(dtype=dt, device=dev).reshape(shape)
             for f, shape, (dt, dev) in zip(flat, ctx.shapes, ctx.dtypes)
         ]
-        return (e, None, None, None, *grads)
+        learned: list[Tensor | None] = []
+        if ctx.learned:
+            learned = [
+                None if s is None else engine.rule.feedback_grad(a.to(s.dtype), s)
+                for a in ctx.saved_tensors
+            ]
+        return (e, None, None, None, None, *grads, *learned)
 
 
 class _Receive(torch.autograd.Function):

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..rules.base import MASK32, layer_seed, mix32
 from ..rules.direct import FeedbackError
@@ -41,14 +41,15 @@ def point_salt(seed: int, key: str) -> int:
 
 
 class Dense(DirectFeedback):
-    """One ``(d_k, C)`` buffer per point."""
+    """One ``(d_k, C)`` buffer per point (a Parameter for a rule with ``learned_feedback``:
+    ``dkp``)."""
 
     layout = "dense"
 
     def _points(self) -> dict[str, Tensor]:
         return {
             n[len("point_") :].replace("__", "."): b
-            for n, b in self._buffers.items()
+            for n, b in [*self._buffers.items(), *self._parameters.items()]
             if n.startswith("point_") and b is not None
         }
 
@@ -61,15 +62,25 @@ class Dense(DirectFeedback):
         return next((b.shape[1] for b in self._points().values()), None)
 
     def materialise(self, sizes: dict[str, int], classes: int, like: Tensor) -> None:
+        known = self._points()
         for key, d in sizes.items():
             self.check(key, d)
-            name = buffer_name("point_", key)
-            if name not in self._buffers:
+            if key not in known:
                 b = self._draw(d, classes, layer_seed(self.seed, key), like)
-                self.register_buffer(name, b * norm_factor(self.norm, d, classes))
+                self._store(buffer_name("point_", key), b * norm_factor(self.norm, d, classes))
+
+    def _store(self, name: str, value: Tensor) -> None:
+        if self.rule.learned_feedback:
+            self.register_parameter(name, nn.Parameter(value))
+        else:
+            self.register_buffer(name, value)
+
+    def placeholders(self, names: Sequence[str]) -> None:
+        for n in names:
+            self._store(n, torch.empty(0, 0))
 
     def check(self, key: str, d: int) -> None:
-        b = self._buffers.get(buffer_name("point_", key))
+        b = self._points().get(key)
         if b is not None and b.shape[0] != d:
             raise FeedbackError(
                 f"feedback point {key!r} has {d} features per sample (batch_dims="

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..rules.base import get_rule
 from .engine import DirectFeedback
 from .layouts import LAYOUTS
 
@@ -80,6 +82,19 @@ def attach(
         raise ValueError(
             f"output layer {out_name!r} is not a converted layer; converted: {', '.join(layers)}"
         )
+    if get_rule(rule).learned_feedback:
+        if layout != "dense":
+            raise ValueError(
+                f"{rule} learns one feedback matrix per point: it needs layout='dense' "
+                f"({layout!r} shares stored rows between points)"
+            )
+        if example_input is None:
+            warnings.warn(
+                f"{rule} learns its feedback matrices as Parameters, made at the first forward "
+                "pass: build the optimizer after it, or pass example_input=<a batch> to "
+                "biograd.convert to make them now",
+                stacklevel=3,
+            )
     kwargs: dict[str, Any] = {"hashed_rows": hashed_rows} if layout == "hashed" else {}
     engine = LAYOUTS[layout](
         rule, seed=seed, norm=norm, batch_dims=batch_dims, explicit=bool(explicit), **kwargs

@@ -186,6 +186,9 @@ class RuleConfig(Section):
     output: str | None = None
     layout: str = "dense"
     norm: str = "launay"
+    options: dict[str, float | int | str] = Field(
+        default={}, description="the rules' own options, e.g. {lr: 0.05} for wm (docs/rules.md)"
+    )
 
     @field_validator("name")
     @classmethod

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .. import distributed
-from ..convert import convert, needs_targets, set_targets
+from ..convert import convert, needs_targets, set_targets, update_feedback
 from ..errors import BiogradError, ConfigError, DivergedError
 from ..rules import get_rule
 from . import csvlog
@@ -210,6 +210,7 @@ def build(cfg: Config, rule: str, seed: int, in_shape: tuple[int, ...], classes:
             layout=r.layout,
             norm=r.norm,
             example_input=example,
+            options=r.options,
         )
     except ValueError as e:  # convert's message names the bad option and the valid ones
         raise ConfigError(f"rule: {e}") from None
@@ -434,6 +435,7 @@ def train_one(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                update_feedback(model)  # rules that learn after the step (wm's mirror step)
                 step += 1
                 loss_sum += value * len(y)
                 correct += (out.argmax(1) == y).sum()

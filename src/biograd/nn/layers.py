@@ -115,12 +115,15 @@ def convertible(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> 
     return None
 
 
-def set_rule(layer: nn.Module, rule: str, seed: int | None = None, scale: str = "xavier") -> Rule:
-    """Give ``layer`` a fresh ``rule`` as ``layer.rule``; ``seed=None`` draws one from torch's
-    global RNG (as torch's own initialisation does)."""
+def set_rule(
+    layer: nn.Module, rule: str, seed: int | None = None, scale: str = "xavier",
+    options: dict[str, Any] | None = None,
+) -> Rule:  # fmt: skip
+    """Give ``layer`` a fresh ``rule`` as ``layer.rule`` with the rule's keyword ``options``;
+    ``seed=None`` draws one from torch's global RNG (as torch's own initialisation does)."""
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
-    r = get_rule(rule)(linear_weight(layer), seed, scale)
+    r = get_rule(rule).for_layer(layer, linear_weight(layer), seed, scale, **(options or {}))
     layer.rule = r
     return r
 
@@ -135,8 +138,9 @@ class FeedbackLayer(nn.Module):
     ``rule`` is the layer's :class:`biograd.rules.Rule` (its state included);
     ``feedback_rule`` its name; ``feedback_exact`` (a mode, like ``training``) makes the layer
     compute exact backprop (``biograd.exact``). Constructed directly it takes the torch class's
-    arguments plus ``rule`` (default ``"bp"``), ``seed`` (default: from torch's RNG) and ``scale``
-    (``biograd.rules.SCALES``); direct rules need ``biograd.convert`` (they act on the model).
+    arguments plus ``rule`` (default ``"bp"``), ``seed`` (default: from torch's RNG), ``scale``
+    (``biograd.rules.SCALES``) and ``options`` (the rule's own, ``Rule.options``); direct rules
+    need ``biograd.convert`` (they act on the model).
     """
 
     rule: Rule
@@ -145,12 +149,12 @@ class FeedbackLayer(nn.Module):
 
     def __init__(
         self, *args: Any, rule: str = "bp", seed: int | None = None, scale: str = "xavier",
-        **kwargs: Any,
+        options: dict[str, Any] | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
         if get_rule(rule).direct:
             raise ValueError(f"{rule!r} is a direct rule: use biograd.convert(model, {rule!r})")
-        set_rule(self, rule, seed, scale)
+        set_rule(self, rule, seed, scale, options)
 
     @property
     def feedback_rule(self) -> str:

@@ -109,7 +109,8 @@ class Rule(nn.Module):
     - :meth:`state_grads`: the gradients of those tensors (Kolen-Pollack: B gets W's gradient).
     - :meth:`update`: a learning step of the feedback outside autograd, run after the optimizer.
 
-    Config (``seed``, ``scheme``, ``std``, ``shape``) is plain attributes, like ``in_features``.
+    Config (``seed``, ``scheme``, ``std``, ``shape``) is plain attributes, like ``in_features``;
+    ``options`` names the rule's own keyword options (``biograd.convert(..., options=...)``).
     """
 
     name: ClassVar[str] = ""
@@ -122,6 +123,7 @@ class Rule(nn.Module):
     exact_input_grad: ClassVar[bool] = False
     learned: ClassVar[tuple[str, ...]] = ()
     tied_to_weight: ClassVar[tuple[str, ...]] = ()
+    options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, weight: Tensor, seed: int = 0, scale: str = "xavier") -> None:
         super().__init__()
@@ -135,6 +137,21 @@ class Rule(nn.Module):
                 self.register_parameter(key, nn.Parameter(value, weight.requires_grad))
             else:
                 self.register_buffer(key, value)
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """Raise ``ValueError`` for option values the rule cannot take (before any layer is
+        converted)."""
+
+    @classmethod
+    def for_layer(
+        cls, layer: nn.Module, weight: Tensor, seed: int, scale: str, **options: Any
+    ) -> Rule:
+        """The rule for ``layer`` whose weight, in the ``(out, in, *kernel)`` layout, is
+        ``weight``, with keyword ``options`` among those the class declares in ``options`` (a
+        rule that needs more of the layer than its weight, such as a convolution's groups,
+        overrides this)."""
+        return cls(weight, seed, scale, **options)
 
     def initial_state(self, like: Tensor) -> dict[str, Tensor]:
         """The rule's state for a weight shaped, typed and placed like ``like``."""

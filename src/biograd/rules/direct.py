@@ -37,6 +37,12 @@ class DirectRule(Rule):
         """The signal ``s`` projected onto the feedback points (None: no hidden error)."""
         raise NotImplementedError
 
+    @staticmethod
+    def feedback_grad(point: Tensor, s: Tensor) -> Tensor | None:
+        """For a rule with ``learned_feedback``: the gradient of a point's matrix ``B_k``
+        (``d_k x C``) from the point's activity (``rows x d_k``) and the signal (``rows x C``)."""
+        return None
+
 
 @register
 class DFA(DirectRule):
