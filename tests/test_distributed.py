@@ -3,6 +3,7 @@ the whole batch, for rules whose feedback state could drift between ranks."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -66,6 +67,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             _step(model, x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share])
             if rank == 0:
                 torch.save(distributed.unwrap(model).state_dict(), Path(out_dir) / f"{rule}.pt")
+            # Free each DDP reducer while the process group is alive: a reducer holding the last
+            # reference to a gloo group can deadlock its destructor against the GIL at exit.
+            del model, plain
+            gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
