@@ -95,3 +95,21 @@ def test_kp_feedback_gradient_is_a_distinct_copy() -> None:
     one(x).sum().backward()
     for (_, a), (_, c) in zip(biograd.converted_layers(model), biograd.converted_layers(one)):
         torch.testing.assert_close(a.rule.feedback.grad, 2 * c.rule.feedback.grad)
+
+
+@pytest.mark.parametrize("rule", FAMILY)
+def test_a_training_step_binds_no_signatures(rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's ``Function.apply`` runs ``inspect.signature`` on every call of a Function with a
+    ``setup_context``; the ops skip it (most of their Python overhead on small layers)."""
+    import inspect
+
+    model = biograd.convert(_model(), rule, seed=0)
+    x = torch.randn(4, 2, 5, 5)
+    model(x).sum().backward()
+    calls: list[object] = []
+    real = inspect.signature
+    monkeypatch.setattr(
+        inspect, "signature", lambda f, *a, **k: calls.append(f) or real(f, *a, **k)
+    )
+    model(x).sum().backward()
+    assert calls == []

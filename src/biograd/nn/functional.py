@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch._functorch.utils import unwrap_dead_wrappers
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
@@ -72,7 +73,21 @@ def _state_grads(ctx: Any, grad_w: Tensor | None, state: tuple[Tensor, ...]) -> 
     return [g if need else None for g, need in zip(grads, ctx.needs_input_grad[ctx.n_args :])]
 
 
-class LinearFeedback(torch.autograd.Function):
+class _Op(torch.autograd.Function):
+    """``torch.autograd.Function`` whose ``apply`` skips the per-call ``inspect.signature``
+    binding of default arguments that torch does for every Function with a ``setup_context``
+    (our forwards have no defaults and take positional arguments only): in eager mode that
+    binding was about two thirds of an op's Python overhead. Under a torch.func transform the
+    call goes through torch's own ``apply``."""
+
+    @classmethod
+    def apply(cls, *args: Any) -> Any:  # type: ignore[override]
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))  # type: ignore[misc]
+
+
+class LinearFeedback(_Op):
     """``y = x W^T + b`` for ``x`` of any rank; backward uses the rule's B for the input gradient."""
 
     generate_vmap_rule = True  # torch.func.vmap(grad(...)): per-sample gradients
@@ -104,7 +119,7 @@ class LinearFeedback(torch.autograd.Function):
         return grad_x, grad_w if ctx.needs_input_grad[1] else None, grad_b, None, *extra
 
 
-class ConvFeedback(torch.autograd.Function):
+class ConvFeedback(_Op):
     """N-d convolution (1d, 2d, 3d, any stride, padding, dilation and groups) whose backward uses
     the rule's B for the input gradient, with PyTorch's fused ``convolution_backward``.
 
