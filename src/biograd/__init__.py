@@ -10,7 +10,7 @@ from . import direct as direct
 from . import nn as nn
 from . import optim as optim
 from . import rules as rules
-from .alignment import AlignmentMonitor, gradient_alignment, weight_alignment
+from .alignment import gradient_alignment, weight_alignment
 from .calls import Call, targets_from_batch
 from .convert import (
     ConversionReport,
@@ -25,6 +25,7 @@ from .convert import (
     set_targets,
     update_feedback,
 )
+from .experiment.monitor import AlignmentMonitor
 from .rules import get_rule, rule_names
 from .state import load_plain, plain_state_dict, unconvert
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..calls import TARGET_KEY, Call, LossCall, LossFn
+from ..calls import TARGET_KEY, LossCall, LossFn
 from ..convert import converted_layers, exact, needs_targets
 from ..direct import DirectFeedback
 from ..nn.layers import FeedbackLayer
@@ -262,55 +262,3 @@ def _compare(setup: _Setup, rule: _Pass, bp: _Pass) -> dict[str, dict[str, float
         }
     result[NETWORK] = {"angle": _Pairs.join([p for p in per_param if p is not None]).angle()}
     return result
-
-
-class _Capture:
-    """The rule's side of a measurement, read off the training step that follows it: armed by
-    :meth:`AlignmentMonitor.measure` with ``reuse_step=True``, it records the deltas and the
-    parameter gradients of the first forward/backward pass of the model whose first tensor
-    argument (positional, else keyword) is that of the measured batch."""
-
-    def __init__(self, setup: _Setup, batch: LossCall) -> None:
-        self.setup = setup
-        self.first = batch.first_tensor()
-        self.deltas: dict[str, list[Tensor | None]] = {name: [] for name in setup.layers}
-        self.grads: list[Tensor | None] = [None] * len(setup.params)
-        self.matched = False
-        self.handles: list[Any] = [
-            setup.model.register_forward_pre_hook(self._pre, with_kwargs=True)
-        ]
-
-    def _pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        if not (Call(*args, **kwargs).first_tensor() is self.first and torch.is_grad_enabled()):
-            return
-        self.matched = True
-        self.handles = _delta_hooks(self.setup.layers, self.deltas)
-        self.handles.append(self.setup.model.register_forward_hook(self._post))
-        for i, p in enumerate(self.setup.params):
-            self.handles.append(p.register_hook(self._store(i)))
-
-    def _post(self, module: nn.Module, args: Any, out: Any) -> None:
-        # no more delta hooks after this forward pass; the parameter hooks stay for its backward
-        n = len(self.setup.layers)
-        for h in self.handles[: n + 1]:
-            h.remove()
-        self.handles = self.handles[n + 1 :]
-
-    def _store(self, i: int) -> Callable[[Tensor], None]:
-        def store(g: Tensor) -> None:
-            if self.grads[i] is None:
-                self.grads[i] = g.detach()
-
-        return store
-
-    def finish(self, bp: _Pass) -> dict[str, dict[str, float]] | None:
-        """The comparison with ``bp``, or None if the training step did not run the batch."""
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        if not self.matched or all(g is None for g in self.grads):
-            return None
-        return _compare(self.setup, _Pass(self.grads, self.deltas), bp)

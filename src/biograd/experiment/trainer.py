@@ -1,7 +1,7 @@
 """The trainer: every (rule, seed) pair of a config, trained and evaluated once per epoch.
 
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.csv`` (one row per rule,
-seed and epoch), ``alignment.csv`` (written by ``biograd.alignment.AlignmentMonitor``) and
+seed and epoch), ``alignment.csv`` (written by ``biograd.experiment.monitor.AlignmentMonitor``) and
 ``checkpoints/<rule>-seed<seed>.pt``. A checkpoint is written atomically at the end of every
 epoch and holds ``state_dict``s and generator states only; ``resume=True`` restarts each pair
 from its last checkpoint, and on the CPU the final weights are bit-identical to those of an
@@ -305,7 +305,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     if path.name == "metrics.csv":
         return csvlog.read_rows(path, numeric=METRICS_COLUMNS[1:], required=METRICS_COLUMNS)
     if path.name == "alignment.csv":
-        from ..alignment import CSV_COLUMNS
+        from .monitor import CSV_COLUMNS
 
         return csvlog.read_rows(path, numeric=CSV_COLUMNS[6:], required=CSV_COLUMNS)
     return csvlog.read_rows(path)
@@ -331,7 +331,7 @@ def train_one(
 ) -> dict[str, Any]:
     """Train ``rule`` with ``seed``, continuing from its checkpoint if there is one; returns the
     last epoch's metrics row."""
-    from ..alignment import AlignmentMonitor
+    from .monitor import AlignmentMonitor
 
     cfg = cfg.for_rule(rule)
     seed_everything(seed, cfg.deterministic)

@@ -12,27 +12,39 @@ logger it has (TensorBoard, CSV, Weights & Biases, ...). See ``docs/integrations
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-METRICS = ("angle", "delta_cos_mean")
-"""The row values logged by default (``norm_ratio`` and ``delta_cos_std`` can be added)."""
+from ..calls import TARGET_KEY
+from ..experiment.monitor import METRICS, AlignmentMonitor, metric_name, metrics
+
+__all__ = ["METRICS", "AlignmentSettings", "metric_name", "metrics"]
 
 
-def metric_name(row: Mapping[str, Any], key: str) -> str:
-    """The name under which a framework logs value ``key`` of an alignment row:
-    ``alignment/{kind}_{key}/{layer}``, the tag ``AlignmentMonitor`` gives TensorBoard."""
-    return f"alignment/{row['kind']}_{key}/{row['layer']}"
+class AlignmentSettings:
+    """What both callbacks take and keep: ``every``, ``loss_fn``, ``csv_path``, ``keys`` and
+    ``target_key`` (see each callback), the ``rows`` measured so far, and the monitor."""
 
+    def __init__(
+        self,
+        every: int = 50,
+        loss_fn: Any = None,
+        *,
+        csv_path: str | Path | None = None,
+        keys: tuple[str, ...] = METRICS,
+        target_key: str | int | None = TARGET_KEY,
+    ) -> None:
+        self.every, self.loss_fn, self.csv_path = int(every), loss_fn, csv_path
+        self.keys, self.target_key = keys, target_key
+        self.rows: list[dict[str, Any]] = []
+        self._monitor: AlignmentMonitor | None = None
 
-def metrics(rows: Iterable[Mapping[str, Any]], keys: Sequence[str] = METRICS) -> dict[str, float]:
-    """The finite values ``keys`` of alignment ``rows`` by :func:`metric_name` (undefined values,
-    NaN, are left out: loggers plot them badly)."""
-    out: dict[str, float] = {}
-    for row in rows:
-        for key in keys:
-            value = row.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                out[metric_name(row, key)] = float(value)
-    return out
+    def _start(self, model: Any, loss_fn: Any = None) -> None:
+        self._monitor = AlignmentMonitor(
+            model, loss_fn, every=self.every, csv_path=self.csv_path, target_key=self.target_key
+        )
+
+    def _close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None

@@ -14,19 +14,17 @@ found them, so the training run is the same with and without the callback.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..alignment import AlignmentMonitor
-from ..calls import TARGET_KEY, Call, LossFn
-from . import METRICS, metrics
+from ..calls import Call, LossFn
+from . import AlignmentSettings, metrics
 
 
-class AlignmentCallback(TrainerCallback):  # type: ignore[misc]
+class AlignmentCallback(AlignmentSettings, TrainerCallback):  # type: ignore[misc]
     """Log alignment every ``every`` optimizer steps of a Hugging Face ``Trainer``.
 
     Args:
@@ -49,18 +47,10 @@ class AlignmentCallback(TrainerCallback):  # type: ignore[misc]
         loss_fn: LossFn | None = None,
         *,
         trainer: Any = None,
-        csv_path: str | Path | None = None,
-        keys: tuple[str, ...] = METRICS,
-        target_key: str | int | None = TARGET_KEY,
+        **settings: Any,
     ) -> None:
-        self.every = int(every)
-        self.loss_fn = loss_fn
+        super().__init__(every, loss_fn, **settings)
         self.trainer = trainer
-        self.csv_path = csv_path
-        self.keys = keys
-        self.target_key = target_key
-        self.rows: list[dict[str, Any]] = []
-        self._monitor: AlignmentMonitor | None = None
         self._last: Call | None = None
         self._hook: Any = None
 
@@ -78,10 +68,7 @@ class AlignmentCallback(TrainerCallback):  # type: ignore[misc]
         model = kwargs.get("model")
         if model is None or self.every <= 0:
             return
-        self._monitor = AlignmentMonitor(
-            model, self.loss_fn, every=self.every, csv_path=self.csv_path,
-            target_key=self.target_key,
-        )  # fmt: skip
+        self._start(model, self.loss_fn)
         self._hook = model.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -101,7 +88,5 @@ class AlignmentCallback(TrainerCallback):  # type: ignore[misc]
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self._monitor is not None:
-            self._monitor.close()
-            self._monitor = None
+        self._close()
         self._last = None

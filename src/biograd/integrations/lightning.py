@@ -14,21 +14,18 @@ run is the same with and without the callback.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor
 
-from ..alignment import AlignmentMonitor
-from ..calls import TARGET_KEY
-from . import METRICS, metrics
+from . import AlignmentSettings, metrics
 
 StepLoss = Callable[[Any, Any], Any]
 """``loss_fn(pl_module, batch)``: runs the forward pass and returns the loss."""
 
 
-class AlignmentCallback(pl.Callback):  # type: ignore[misc]
+class AlignmentCallback(AlignmentSettings, pl.Callback):  # type: ignore[misc]
     """Log alignment every ``every`` optimizer steps of a Lightning ``Trainer``.
 
     Args:
@@ -45,29 +42,13 @@ class AlignmentCallback(pl.Callback):  # type: ignore[misc]
     ``rows`` holds every row measured so far (dicts with the ``alignment.csv`` columns).
     """
 
-    def __init__(
-        self,
-        every: int = 50,
-        loss_fn: StepLoss | None = None,
-        *,
-        csv_path: str | Path | None = None,
-        keys: tuple[str, ...] = METRICS,
-        target_key: str | int | None = TARGET_KEY,
-    ) -> None:
-        self.every = int(every)
-        self.loss_fn = loss_fn
-        self.csv_path = csv_path
-        self.keys = keys
-        self.target_key = target_key
-        self.rows: list[dict[str, Any]] = []
-        self._monitor: AlignmentMonitor | None = None
+    def __init__(self, every: int = 50, loss_fn: StepLoss | None = None, **settings: Any) -> None:
+        super().__init__(every, loss_fn, **settings)
         self._measured: int | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every > 0:
-            self._monitor = AlignmentMonitor(
-                pl_module, every=self.every, csv_path=self.csv_path, target_key=self.target_key
-            )
+            self._start(pl_module)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -94,9 +75,7 @@ class AlignmentCallback(pl.Callback):  # type: ignore[misc]
             logger.log_metrics(values, step=step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._monitor is not None:
-            self._monitor.close()
-            self._monitor = None
+        self._close()
 
 
 def _batch_entry(batch: Any, key: str | int | None) -> Tensor | None:

@@ -1,21 +1,32 @@
-"""The alignment monitor: weight and gradient alignment every ``N`` training steps, appended to
-``alignment.csv`` (and TensorBoard when it is installed)."""
+"""The alignment monitor of a training loop: :func:`biograd.weight_alignment` and
+:func:`biograd.gradient_alignment` every ``N`` steps, appended to ``alignment.csv`` (and
+TensorBoard when it is installed). Also ``biograd.AlignmentMonitor`` and
+``biograd.alignment.AlignmentMonitor``."""
 
 from __future__ import annotations
 
 import csv
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from ..calls import TARGET_KEY, LossCall
+from ..alignment.gradients import (
+    LossFn,
+    _compare,
+    _delta_hooks,
+    _exact_pass,
+    _Pass,
+    _Setup,
+    gradient_alignment,
+)
+from ..alignment.weights import weight_alignment
+from ..calls import TARGET_KEY, Call, LossCall
 from ..convert import converted_layers
-from .gradients import LossFn, _Capture, _exact_pass, _Pass, _Setup, gradient_alignment
-from .weights import weight_alignment
 
 log = logging.getLogger("biograd")
 
@@ -26,12 +37,75 @@ CSV_COLUMNS = (
 """Columns of ``alignment.csv`` (one row per measurement, layer and kind). For direct rules a
 ``weight`` row's ``layer`` is the layer that the feedback matrix trains."""
 
+METRICS = ("angle", "delta_cos_mean")
+"""The row values logged by default (``norm_ratio`` and ``delta_cos_std`` can be added)."""
 
-# --------------------------------------------------------------------------- monitor
-def _cell(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return ""
-    return value
+
+def metric_name(row: Mapping[str, Any], key: str) -> str:
+    """The name under which value ``key`` of an alignment row is logged (TensorBoard, the
+    framework integrations): ``alignment/{kind}_{key}/{layer}``."""
+    return f"alignment/{row['kind']}_{key}/{row['layer']}"
+
+
+def metrics(rows: Iterable[Mapping[str, Any]], keys: Sequence[str] = METRICS) -> dict[str, float]:
+    """The finite values ``keys`` of alignment ``rows`` by :func:`metric_name` (undefined values,
+    NaN, are left out: loggers plot them badly)."""
+    out: dict[str, float] = {}
+    for row in rows:
+        for key in keys:
+            value = row.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                out[metric_name(row, key)] = float(value)
+    return out
+
+
+class _Capture:
+    """The rule's side of a ``reuse_step`` measurement, read off the training step that follows
+    it: the deltas and parameter gradients of the first forward/backward pass of the model whose
+    first tensor argument (positional, else keyword) is that of the measured batch."""
+
+    def __init__(self, setup: _Setup, batch: LossCall) -> None:
+        self.setup = setup
+        self.first = batch.first_tensor()
+        self.deltas: dict[str, list[Tensor | None]] = {name: [] for name in setup.layers}
+        self.grads: list[Tensor | None] = [None] * len(setup.params)
+        self.matched = False
+        self.handles: list[Any] = [
+            setup.model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        ]
+
+    def _pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        self._remove(len(self.handles))
+        if not (Call(*args, **kwargs).first_tensor() is self.first and torch.is_grad_enabled()):
+            return
+        self.matched = True
+        self.handles = _delta_hooks(self.setup.layers, self.deltas)
+        self.handles.append(self.setup.model.register_forward_hook(self._post))
+        for i, p in enumerate(self.setup.params):
+            self.handles.append(p.register_hook(self._store(i)))
+
+    def _post(self, module: nn.Module, args: Any, out: Any) -> None:
+        # no more delta hooks after this forward pass; the parameter hooks stay for its backward
+        self._remove(len(self.setup.layers) + 1)
+
+    def _remove(self, n: int) -> None:
+        for h in self.handles[:n]:
+            h.remove()
+        self.handles = self.handles[n:]
+
+    def _store(self, i: int) -> Callable[[Tensor], None]:
+        def store(g: Tensor) -> None:
+            if self.grads[i] is None:
+                self.grads[i] = g.detach()
+
+        return store
+
+    def finish(self, bp: _Pass) -> dict[str, dict[str, float]] | None:
+        """The comparison with ``bp``, or None if the training step did not run the batch."""
+        self._remove(len(self.handles))
+        if not self.matched or all(g is None for g in self.grads):
+            return None
+        return _compare(self.setup, _Pass(self.grads, self.deltas), bp)
 
 
 def _main_rule(model: nn.Module) -> str:
@@ -88,12 +162,9 @@ class AlignmentMonitor:
         reuse_step: bool = False,
         target_key: str | int | None = TARGET_KEY,
     ) -> None:
-        self.model = model
-        self.loss_fn = loss_fn
-        self.target_key = target_key
-        self.every = int(every)
+        self.model, self.loss_fn, self.target_key = model, loss_fn, target_key
+        self.every, self.reuse_step = int(every), reuse_step
         self.csv_path = Path(csv_path) if csv_path is not None else None
-        self.reuse_step = reuse_step
         tags = dict(tags or {})
         self.rule = str(tags.get("rule", _main_rule(model)))
         self.seed = tags.get("seed", "")
@@ -111,23 +182,13 @@ class AlignmentMonitor:
     def enabled(self) -> bool:
         return self.every > 0
 
-    def maybe_measure(
-        self,
-        step: int,
-        epoch: int,
-        inputs: Any = None,
-        targets: Any = None,
-        *,
-        closure: Callable[[], Any] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Measure on this batch if ``step`` is a multiple of ``every``; return the rows written
-        by this call (empty otherwise)."""
+    def maybe_measure(self, step: int, epoch: int, *batch: Any, **kwargs: Any) -> list[Any]:
+        """:meth:`measure` (same arguments) if ``step`` is a multiple of ``every``; return the
+        rows written by this call (a pending ``reuse_step`` measurement's included)."""
         if self.every <= 0:
             return []
-        rows = self._finish() if self._pending is not None else []
-        if step % self.every:
-            return rows
-        return rows + self.measure(step, epoch, inputs, targets, closure=closure)
+        rows = self.flush()
+        return rows if step % self.every else rows + self.measure(step, epoch, *batch, **kwargs)
 
     def measure(
         self,
@@ -141,8 +202,7 @@ class AlignmentMonitor:
         """Measure now and write the rows: one ``weight`` row per layer with a feedback matrix,
         one ``gradient`` row per converted layer, and a ``gradient`` row for ``<network>``
         (with ``reuse_step``, the gradient rows come at the next call)."""
-        if self._pending is not None:
-            self._finish()
+        self.flush()
         base = {"rule": self.rule, "seed": self.seed, "epoch": epoch, "step": step}
         rows = self._rows(base, "weight", weight_alignment(self.model))
         batch = LossCall(self.loss_fn, inputs, targets, closure=closure, target_key=self.target_key)
@@ -150,7 +210,7 @@ class AlignmentMonitor:
             if batch.first_tensor() is None:
                 raise ValueError("reuse_step=True needs the batch's inputs, not a closure")
             setup = _Setup.of(self.model)
-            bp = _exact_pass(setup, batch)
+            bp = _exact_pass(setup, batch)  # before the capture's hooks are armed
             self._pending = (base, _Capture(setup, batch), bp)
         else:
             grad = gradient_alignment(
@@ -161,8 +221,11 @@ class AlignmentMonitor:
         self._write(rows)
         return rows
 
-    def _finish(self) -> list[dict[str, Any]]:
-        assert self._pending is not None
+    def flush(self) -> list[dict[str, Any]]:
+        """Write the pending measurement of ``reuse_step`` (its training step must have run);
+        return the rows written. A trainer calls this before it checkpoints."""
+        if self._pending is None:
+            return []
         base, capture, bp = self._pending
         self._pending = None
         grad = capture.finish(bp)
@@ -181,7 +244,7 @@ class AlignmentMonitor:
     def _rows(
         base: dict[str, Any], kind: str, values: dict[str, dict[str, float]]
     ) -> list[dict[str, Any]]:
-        empty = dict.fromkeys(("angle", "norm_ratio", "delta_cos_mean", "delta_cos_std"), math.nan)
+        empty = dict.fromkeys(CSV_COLUMNS[6:], math.nan)
         return [{**base, "layer": k, "kind": kind, **empty, **v} for k, v in values.items()]
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
@@ -193,18 +256,9 @@ class AlignmentMonitor:
                 if new:
                     writer.writeheader()
                 writer.writerows({k: _cell(row[k]) for k in CSV_COLUMNS} for row in rows)
-        if self._writer is not None:
-            for row in rows:
-                for key in ("angle", "delta_cos_mean"):
-                    value = row[key]
-                    if isinstance(value, float) and math.isfinite(value):
-                        tag = f"alignment/{row['kind']}_{key}/{row['layer']}"
-                        self._writer.add_scalar(tag, value, row["step"])
-
-    def flush(self) -> list[dict[str, Any]]:
-        """Write the pending measurement of ``reuse_step`` (its training step must have run);
-        return the rows written. A trainer calls this before it checkpoints."""
-        return self._finish() if self._pending is not None else []
+        if self._writer is not None and rows:
+            for tag, value in metrics(rows).items():
+                self._writer.add_scalar(tag, value, rows[0]["step"])
 
     def close(self) -> None:
         """Write a pending measurement, then flush and close the TensorBoard writer, if any."""
@@ -218,3 +272,7 @@ class AlignmentMonitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cell(value: Any) -> Any:
+    return "" if isinstance(value, float) and not math.isfinite(value) else value
