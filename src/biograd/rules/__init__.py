@@ -4,7 +4,7 @@ rule class (its capabilities are class attributes)."""
 # ruff: noqa: I001  (the family registers first: RULES lists bp fa ... before dfa ...)
 from . import feedback as feedback
 from . import direct as direct
-from . import learned as learned
+from . import learned_rules as learned_rules
 from .base import SCALES, Rule, feedback_std, get_rule, register, rule_names
 from .direct import DirectRule
 
