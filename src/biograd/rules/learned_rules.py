@@ -197,7 +197,8 @@ class ProductFeedbackAlignment(Rule):
         return self.b, self.r
 
     def matrix(self, weight: Tensor, *state: Tensor) -> Tensor | None:
-        return L.pfa_path(*state, self.groups)
+        b, r = state
+        return L.pfa_path(b, r, self.groups)
 
     def state_grads(self, grad_weight: Tensor | None, *state: Tensor) -> tuple[Tensor | None, ...]:
         if grad_weight is None:
