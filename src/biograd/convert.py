@@ -26,7 +26,7 @@ from .nn.layers import (
     module_layout,
     set_rule,
 )
-from .rules.base import SCALES, Rule, get_rule, layer_seed
+from .rules.base import Rule, check_scale, get_rule, layer_seed
 from .state import unconvert
 
 log = logging.getLogger("biograd")
@@ -87,8 +87,7 @@ def _plan(
     main = get_rule(rule)
     for name in (overrides or {}).values():
         get_rule(name)
-    if scale not in SCALES:
-        raise ValueError(f"unknown feedback scale {scale!r}; choose one of {', '.join(SCALES)}")
+    check_scale(scale)
     parents = dict(model.named_modules())
     ok = [n for n, m in parents.items() if convertible(n, m, parents) is None]
     plan = {n: match(n, overrides) or main.name for n in ok if not match(n, exclude)}
@@ -139,73 +138,75 @@ def convert(
     options: Mapping[str, Any] | None = None,
     verbose: bool = False,
 ) -> nn.Module:
-    """Put every ``nn.Linear`` and ``nn.Conv{1,2,3}d`` of ``model`` on ``rule``, in place.
+    """Put every ``nn.Linear`` and ``nn.Conv{1,2,3}d`` of ``model`` (also on the meta device) on
+    ``rule`` (a name in ``biograd.RULES``), in place, and return it. Converting again replaces
+    the rule; ``unconvert`` takes it off; ``conversion_report(model)`` says what was converted.
 
     Args:
-        model: any module (also on the meta device); layers are found wherever they sit.
-        rule: a name from ``biograd.RULES``.
         seed: seed of all random feedback (each layer derives its own from its name).
         overrides: per-layer rules by module name or glob, e.g. ``{"fc": "bp", "layer4.*": "fa"}``.
-        exclude: names or globs of layers to leave untouched (plain torch layers, exact gradients).
+        exclude: names or globs of layers to leave plain (exact gradients).
         scale: scale scheme of B for the feedback-alignment family (``biograd.rules.SCALES``).
-        output: direct rules: name of the output layer, which gets the true error
-            (default: the last converted layer to run on ``example_input``, else the last
-            converted layer in module order).
-        layout, norm, hashed_rows: direct rules: feedback layout and scale
-            (``biograd.direct.LAYOUTS`` and ``NORMS``).
-        batch_dims: direct rules: leading dimensions that index samples at the feedback points.
-        feedback_points: direct rules: names or globs of modules whose *outputs* receive the
-            projected error (block-wise DFA) instead of the inputs of the converted layers.
-        example_input: direct rules, optional: a batch (or tuple of positional inputs) run once
-            without a backward pass, to find the layers' order and to draw the feedback now
-            rather than at the first forward pass (needed before ``DistributedDataParallel``).
-        options: the rules' own keyword options (e.g. ``{"lr": 0.05}``, ``wm``'s mirror rate;
-            ``{"ratio": 4}``, ``pfa``'s expansion ratio; ``docs/rules.md``): each rule of the
-            plan takes those it declares in ``Rule.options``; a name none takes raises.
-        verbose: print the conversion report (it is always logged at INFO level on ``biograd``).
+        options: the rules' own keyword options (``Rule.options``, ``docs/rules.md``), e.g.
+            ``{"lr": 0.05}`` for ``wm``; each rule takes those it declares.
+        verbose: print the conversion report (always logged at INFO level on ``biograd``).
 
-    Returns:
-        ``model``, converted. Converting again replaces the previous rule; ``unconvert`` takes it
-        off; ``conversion_report(model)`` describes what was converted.
+    Direct rules only (``docs/direct.md``): ``output`` gets the true error (default: the last
+    converted layer to run on ``example_input``, else in module order); ``layout``, ``norm``,
+    ``hashed_rows``: ``biograd.direct.LAYOUTS`` and ``NORMS``; ``batch_dims``: leading dimensions
+    that index samples at the feedback points; ``feedback_points``: names or globs of modules
+    whose *outputs* receive the projected error (block-wise DFA); ``example_input``: a batch (or
+    tuple of inputs) run once without backward, to find the layers' order and draw the feedback
+    now (needed before ``DistributedDataParallel``).
 
     Raises:
-        ValueError: an unknown rule, scale, layout or norm; a model with nothing to convert;
-            direct rules mixed in one model; an unknown output layer; an unknown or invalid
-            rule option.
+        ValueError: an unknown rule, scale, layout, norm, output layer or rule option; nothing
+            to convert; two direct rules in one model.
     """
     overrides, exclude = _check_arguments(rule, seed, overrides, exclude)
     plan = _plan(model, rule, overrides, exclude, scale, output)
-    opts = dict(options or {})
-    takes = {o for r in set(plan.values()) for o in get_rule(r).options}
-    if set(opts) - takes:
-        raise ValueError(
-            f"unknown rule option(s) {', '.join(sorted(set(opts) - takes))} for rule(s) "
-            f"{', '.join(sorted(set(plan.values())))}; they take: {', '.join(sorted(takes)) or 'none'}"
-        )
-    for r in set(plan.values()):
-        get_rule(r).check_options(**{k: v for k, v in opts.items() if k in get_rule(r).options})
+    own = _rule_options(plan, options)
     modules = dict(model.named_modules())
     unconvert(model)
     for name, rule_name in plan.items():
         layer = modules[name]
         layer.__class__ = feedback_class(type(layer))
-        own = {k: v for k, v in opts.items() if k in get_rule(rule_name).options}
-        set_rule(layer, rule_name, layer_seed(seed, name), scale, own)
-    direct = [r for r in plan.values() if get_rule(r).direct]
+        set_rule(layer, rule_name, layer_seed(seed, name), scale, own[rule_name])
+    direct = {n: modules[n] for n, r in plan.items() if get_rule(r).direct}
     if direct:
-        layers = {n: modules[n] for n, r in plan.items() if get_rule(r).direct}
         attach(
-            model, layers, direct[0], seed=seed, output=output, layout=layout, norm=norm,
-            batch_dims=batch_dims, feedback_points=feedback_points, example_input=example_input,
-            hashed_rows=hashed_rows,
+            model, direct, plan[next(iter(direct))], seed=seed, output=output, layout=layout,
+            norm=norm, batch_dims=batch_dims, feedback_points=feedback_points,
+            example_input=example_input, hashed_rows=hashed_rows,
         )  # fmt: skip
-    report = conversion_report(model)
+    _announce(conversion_report(model), verbose)
+    return model
+
+
+def _announce(report: ConversionReport, verbose: bool) -> None:
+    """Log (and with ``verbose`` print) the report; warn about unconverted weight matrices."""
     log.info("%s", report)
     if verbose:
         print(report)
     if report.unconverted_matrices:
-        warnings.warn(f"biograd.convert: {report.warning()}", stacklevel=2)
-    return model
+        warnings.warn(f"biograd.convert: {report.warning()}", stacklevel=3)
+
+
+def _rule_options(plan: Mapping[str, str], options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Each planned rule's share of ``options`` (those it declares), checked by the rule;
+    ``ValueError`` for an option that no rule of the plan takes."""
+    opts = dict(options or {})
+    rules = {r: get_rule(r) for r in sorted(set(plan.values()))}
+    takes = {o for cls in rules.values() for o in cls.options}
+    if set(opts) - takes:
+        raise ValueError(
+            f"unknown rule option(s) {', '.join(sorted(set(opts) - takes))} for rule(s) "
+            f"{', '.join(rules)}; they take: {', '.join(sorted(takes)) or 'none'}"
+        )
+    own = {r: {k: v for k, v in opts.items() if k in cls.options} for r, cls in rules.items()}
+    for r, cls in rules.items():
+        cls.check_options(**own[r])
+    return own
 
 
 def _check_arguments(
@@ -263,19 +264,22 @@ def conversion_report(model: nn.Module) -> ConversionReport:
     report = ConversionReport(feedback_points=points_of(model))
     parents = dict(model.named_modules())
     for name, module in model.named_modules():
+        key = name or "<root>"
         if _holds_matrix(module) and not _excluded(name, module, parents):
-            report.unconverted_matrices.append(name or "<root>")
+            report.unconverted_matrices.append(key)
         if isinstance(module, FeedbackLayer):
-            report.converted[name or "<root>"] = module.feedback_rule
+            report.converted[key] = module.feedback_rule
             if "direct_feedback" in module._modules:
                 report.output = name
         elif is_convertible_kind(module):
-            why = convertible(name, module, parents)
-            report.exact[name or "<root>"] = why or f"{type(module).__name__} (excluded)"
-        elif isinstance(module, _EXACT_KINDS) or any(
-            True for _ in module.parameters(recurse=False)
+            report.exact[key] = (
+                convertible(name, module, parents) or f"{type(module).__name__} (excluded)"
+            )
+        elif (
+            isinstance(module, _EXACT_KINDS)
+            or next(module.parameters(recurse=False), None) is not None
         ):
-            report.exact[name or "<root>"] = f"{type(module).__name__} (autograd)"
+            report.exact[key] = f"{type(module).__name__} (autograd)"
     return report
 
 
@@ -298,22 +302,19 @@ def _excluded(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> bo
 def exact(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every converted layer (and the direct-feedback engine) computes exact
     backprop; the previous modes come back on exit, also after an exception."""
-    mods = [m for m in model.modules() if isinstance(m, (FeedbackLayer, DirectFeedback))]
-    before = [m.feedback_exact if isinstance(m, FeedbackLayer) else m.exact for m in mods]
+    mods = [
+        (m, "feedback_exact" if isinstance(m, FeedbackLayer) else "exact")
+        for m in model.modules()
+        if isinstance(m, (FeedbackLayer, DirectFeedback))
+    ]
+    before = [getattr(m, mode) for m, mode in mods]
     try:
-        for m in mods:
-            _set_exact(m, True)
+        for m, mode in mods:
+            setattr(m, mode, True)
         yield model
     finally:
-        for m, v in zip(mods, before):
-            _set_exact(m, v)
-
-
-def _set_exact(m: nn.Module, value: bool) -> None:
-    if isinstance(m, FeedbackLayer):
-        m.feedback_exact = value
-    else:
-        m.exact = value  # type: ignore[assignment]
+        for (m, mode), value in zip(mods, before):
+            setattr(m, mode, value)
 
 
 def engine_of(model: nn.Module) -> DirectFeedback | None:

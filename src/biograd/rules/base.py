@@ -33,21 +33,22 @@ SCALES = ("xavier", "kaiming", "xiao", "weight")
 MASK32 = 0xFFFFFFFF
 
 
+def check_scale(scheme: str) -> None:
+    """``ValueError`` naming :data:`SCALES` unless ``scheme`` is one of them."""
+    if scheme not in SCALES:
+        raise ValueError(f"unknown feedback scale {scheme!r}; choose one of {', '.join(SCALES)}")
+
+
 def feedback_std(weight: Tensor, scheme: str) -> float:
     """Standard deviation of the feedback entries for a weight of this shape under ``scheme``."""
-    receptive = math.prod(weight.shape[2:]) if weight.dim() > 2 else 1
-    fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
-    if scheme == "xavier":
-        return math.sqrt(2.0 / (fan_in + fan_out))
-    if scheme == "kaiming":
-        return math.sqrt(2.0 / fan_in)
-    if scheme == "xiao":
-        return math.sqrt(2.0 / fan_out)
+    check_scale(scheme)
     if scheme == "weight":
         if weight.is_meta:
             raise ValueError("scale='weight' needs the weight's values: convert after to_empty")
         return float(weight.detach().float().std()) if weight.numel() > 1 else 1.0
-    raise ValueError(f"unknown feedback scale {scheme!r}; choose one of {', '.join(SCALES)}")
+    receptive = math.prod(weight.shape[2:]) if weight.dim() > 2 else 1
+    fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
+    return math.sqrt(2.0 / {"xavier": fan_in + fan_out, "kaiming": fan_in, "xiao": fan_out}[scheme])
 
 
 def layer_seed(seed: int, name: str) -> int:
