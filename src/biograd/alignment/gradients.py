@@ -3,6 +3,7 @@ per-sample deltas against backprop's (Launay et al. 2019, Sec. 3), leaving the m
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..calls import TARGET_KEY, LossCall, LossFn
-from ..convert import converted_layers, exact, needs_targets
+from ..convert import converted_layers, exact
 from ..direct import DirectFeedback
 from ..nn.layers import FeedbackLayer
 from ..rules.base import Rule
@@ -62,8 +63,8 @@ class _Snapshot:
             cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         )
 
-    def rewind(self) -> None:
-        """Put back what one forward pass changes: RNG, brsf steps, batch-norm statistics."""
+    def restore(self) -> None:
+        """Put everything back as it was when the snapshot was taken."""
         torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
@@ -71,10 +72,6 @@ class _Snapshot:
             for b, saved in self.buffers:
                 if not torch.equal(b, saved):
                     b.copy_(saved)
-
-    def restore(self) -> None:
-        """Put everything back as it was when the snapshot was taken."""
-        self.rewind()
         for p, g in self.grads:
             p.grad = g
         for engine, points, targets, trains in self.engines:
@@ -135,7 +132,6 @@ class _Setup:
     layers: dict[str, FeedbackLayer]
     params: list[Tensor]
     weights: dict[str, int]  # layer name -> index of its weight in params
-    needs_targets: bool
 
     @classmethod
     def of(cls, model: nn.Module) -> _Setup:
@@ -150,14 +146,15 @@ class _Setup:
         ]
         index = {id(p): i for i, p in enumerate(params)}
         weights = {n: index[id(m.weight)] for n, m in layers.items() if id(m.weight) in index}
-        return cls(model, layers, params, weights, needs_targets(model))
+        return cls(model, layers, params, weights)
 
 
-def _exact_pass(setup: _Setup, batch: LossCall) -> _Pass:
-    """Backprop's side of a measurement, leaving the model's state as found."""
+def _isolated_pass(setup: _Setup, batch: LossCall, bp: bool) -> _Pass:
+    """One side of a measurement, the rule's or (``bp``) backprop's, leaving the model as found:
+    both sides start from the same RNG state and brsf step."""
     snap = _Snapshot.take(setup.model)
     try:
-        with exact(setup.model):
+        with exact(setup.model) if bp else contextlib.nullcontext():
             return _run_pass(setup, batch)
     finally:
         snap.restore()
@@ -193,14 +190,12 @@ def gradient_alignment(
 ) -> dict[str, dict[str, float]]:
     """How far the rule's updates are from backprop's on one batch, layer by layer.
 
-    The model runs the batch twice, once on its rules and once under ``biograd.exact(model)``
-    (true backprop; the same model, no copy), each time from the same RNG state and the same
-    brsf step, so dropout masks and brsf's ``B_t`` are those of the rule's own training step.
-    Gradients come from ``torch.autograd.grad``; ``.grad`` is never written. Afterwards every
-    ``.grad``, buffer (batch-norm statistics included), the torch RNG states (CPU, and CUDA
-    when initialised), brsf steps, each layer's last feedback and the direct-feedback engine's
-    pending state are as they were. Direct rules that need targets (``drtp``) get ``targets``
-    (or the batch's ``target_key`` entry) through ``biograd.set_targets`` before each forward.
+    The model runs the batch on its rules and under ``biograd.exact(model)`` (the same model),
+    both from the same RNG state and brsf step, so dropout masks and brsf's ``B_t`` are those of
+    the rule's own training step. Gradients come from ``torch.autograd.grad``; afterwards every
+    ``.grad``, buffer, RNG state (CPU, and CUDA when initialised), brsf step and the direct
+    engine's pending state are as they were. ``drtp`` gets ``targets`` (or the batch's
+    ``target_key`` entry) through ``biograd.set_targets`` before each forward.
 
     Args:
         model: a model converted with ``biograd.convert``, in train or eval mode.
@@ -227,15 +222,8 @@ def gradient_alignment(
     """
     batch = LossCall(loss_fn, inputs, targets, closure=closure, target_key=target_key)
     setup = _Setup.of(model)
-    snap = _Snapshot.take(model)
-    try:
-        rule = _run_pass(setup, batch)
-        snap.rewind()
-        with exact(model):
-            bp = _run_pass(setup, batch)
-    finally:
-        snap.restore()
-    return _compare(setup, rule, bp)
+    rule = _isolated_pass(setup, batch, False)
+    return _compare(setup, rule, _isolated_pass(setup, batch, True))
 
 
 def _compare(setup: _Setup, rule: _Pass, bp: _Pass) -> dict[str, dict[str, float]]:

@@ -19,7 +19,7 @@ from ..alignment.gradients import (
     LossFn,
     _compare,
     _delta_hooks,
-    _exact_pass,
+    _isolated_pass,
     _Pass,
     _Setup,
     gradient_alignment,
@@ -210,7 +210,7 @@ class AlignmentMonitor:
             if batch.first_tensor() is None:
                 raise ValueError("reuse_step=True needs the batch's inputs, not a closure")
             setup = _Setup.of(self.model)
-            bp = _exact_pass(setup, batch)  # before the capture's hooks are armed
+            bp = _isolated_pass(setup, batch, True)  # before the capture's hooks are armed
             self._pending = (base, _Capture(setup, batch), bp)
         else:
             grad = gradient_alignment(

@@ -1,9 +1,9 @@
 """The rule interface, the registry, and the scale schemes of random feedback.
 
-A rule is an ``nn.Module`` held by the layer it trains as the child ``layer.rule``: all its state
-(fixed feedback as buffers, learned feedback as Parameters, counters as int64 buffers) lives
-there, so it moves with ``.to()``, saves with ``torch.save``, safetensors and ``save_pretrained``,
-and nothing about it sits in ``state_dict`` as a Python object. See ``docs/architecture.md``.
+A rule is the child module ``layer.rule`` of the layer it trains; all its state is registered
+tensors (fixed feedback buffers, learned feedback Parameters, int64 counters), so it moves with
+``.to()`` and saves with ``torch.save``, safetensors and ``save_pretrained``
+(``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -18,17 +18,12 @@ from torch import Tensor, nn
 _REGISTRY: dict[str, type[Rule]] = {}
 
 SCALES = ("xavier", "kaiming", "xiao", "weight")
-"""Feedback scale schemes (the standard deviation of the random feedback entries):
-
-- ``xavier`` (default): ``sqrt(2 / (fan_in + fan_out))``, Glorot & Bengio 2010; BioTorch's choice,
-  used for the reference benchmark of Sanfiz & Akrout 2021.
-- ``kaiming``: ``sqrt(2 / fan_in)``, He et al. 2015.
-- ``xiao``: ``sqrt(2 / fan_out)``, for a convolution ``sqrt(2 / (k*k*C_out))``; the scale used by
-  Xiao et al. 2018 for sign-symmetric feedback.
-- ``weight``: the standard deviation of the layer's weight at conversion time.
-
-``fan_in = in_features * prod(kernel)`` and ``fan_out = out_features * prod(kernel)`` (per group).
-"""
+"""Feedback scale schemes, the standard deviation of the random feedback entries: ``xavier``
+(default) ``sqrt(2 / (fan_in + fan_out))`` (Glorot & Bengio 2010; BioTorch's, Sanfiz & Akrout
+2021); ``kaiming`` ``sqrt(2 / fan_in)`` (He et al. 2015); ``xiao`` ``sqrt(2 / fan_out)``, for a
+convolution ``sqrt(2 / (k*k*C_out))`` (Xiao et al. 2018); ``weight`` the std of the layer's
+weight at conversion. ``fan_in = in * prod(kernel)``, ``fan_out = out * prod(kernel)`` (per
+group)."""
 
 MASK32 = 0xFFFFFFFF
 
@@ -52,15 +47,13 @@ def feedback_std(weight: Tensor, scheme: str) -> float:
 
 
 def layer_seed(seed: int, name: str) -> int:
-    """A per-layer seed from the model seed and the layer's qualified name (stable across runs,
-    processes and DDP ranks)."""
+    """A per-layer seed from the model seed and the layer's name (the same in every process)."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62)
 
 
 def uniform_like(weight: Tensor, std: float, seed: int) -> Tensor:
-    """Entries ~ U(-sqrt(3) std, sqrt(3) std), drawn on the CPU from ``seed`` so that every device
-    and every rank gets the same values, then moved to the weight's device and dtype (an empty
-    tensor on the meta device)."""
+    """Entries ~ U(-sqrt(3) std, sqrt(3) std) drawn on the CPU from ``seed`` (the same on every
+    device and rank), shaped, placed and typed like ``weight`` (empty on the meta device)."""
     if weight.is_meta:
         return torch.empty_like(weight)
     gen = torch.Generator().manual_seed(seed)
@@ -80,38 +73,27 @@ def mix32(x: Tensor) -> Tensor:
 
 
 def in_backward() -> bool:
-    """True while autograd runs a backward pass: a forward pass now is activation
-    checkpointing's recomputation (``torch.utils.checkpoint``, both modes), which must repeat the
-    pass it recomputes rather than count as a new one. False under ``torch.compile``, whose
-    graphs recompute on their own."""
+    """True while autograd runs a backward pass, where a forward pass is activation
+    checkpointing's recomputation (both modes), which must repeat the pass it recomputes; False
+    under ``torch.compile``, whose graphs recompute on their own."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 class Rule(nn.Module):
-    """A learning rule for one layer, with its state.
+    """A learning rule for one layer, with its state (``docs/architecture.md``, "Adding a rule").
 
-    Capabilities (class attributes; generic code asks these, never a rule's name):
-    ``direct`` (the error arrives through the model's direct-feedback engine), ``needs_targets``
-    (``biograd.set_targets`` before each forward), ``trains_hidden`` (hidden layers receive a
-    gradient), ``learned_feedback`` (the rule owns Parameters that learn), ``updates_after_step``
-    (``biograd.update_feedback(model)`` must run after every optimizer step), ``exact_input_grad``
-    (the layer's input gradient is autograd's own ``W^T delta``), ``learned`` (names of the
-    state registered as Parameters), ``tied_to_weight`` (names of the state that must get every
-    change made to W, e.g. by ``biograd.optim.WeightNormConstraint``: Kolen-Pollack's B).
+    Capabilities (class attributes; generic code asks these, never a rule's name): ``direct``
+    (the error comes through the direct-feedback engine), ``needs_targets``
+    (``biograd.set_targets`` before each forward), ``trains_hidden``, ``learned_feedback`` (owns
+    Parameters that learn), ``updates_after_step`` (``biograd.update_feedback`` after every
+    optimizer step), ``exact_input_grad`` (the input gradient is autograd's ``W^T delta``),
+    ``learned`` (state registered as Parameters), ``tied_to_weight`` (state that gets every
+    change made to W, e.g. by ``biograd.optim.WeightNormConstraint``), ``options`` (the rule's
+    keyword options). Config (``seed``, ``scheme``, ``std``, ``shape``) is plain attributes.
 
-    A subclass defines what the op's backward needs and nothing runs in ``forward`` but
-    :meth:`pass_state`:
-
-    - :meth:`initial_state`: the state tensors, drawn from ``self.seed``; registered as buffers,
-      or as Parameters for the names in ``learned``. It runs again when the layer is materialised
-      from the meta device (``to_empty``), so that meta and CPU builds get the same state.
-    - :meth:`pass_state`: the tensors one forward pass hands to its backward (cheap: no B built).
-    - :meth:`matrix`: B, shaped like W, from W and those tensors, computed in the backward.
-    - :meth:`state_grads`: the gradients of those tensors (Kolen-Pollack: B gets W's gradient).
-    - :meth:`update`: a learning step of the feedback outside autograd, run after the optimizer.
-
-    Config (``seed``, ``scheme``, ``std``, ``shape``) is plain attributes, like ``in_features``;
-    ``options`` names the rule's own keyword options (``biograd.convert(..., options=...)``).
+    The state comes from :meth:`initial_state` (again at ``to_empty`` from the meta device);
+    a forward pass hands :meth:`pass_state` to the op, whose backward asks :meth:`matrix` for B
+    and :meth:`state_grads` for the state's gradients; :meth:`update` learns outside autograd.
     """
 
     name: ClassVar[str] = ""
@@ -141,17 +123,14 @@ class Rule(nn.Module):
 
     @classmethod
     def check_options(cls, **options: Any) -> None:
-        """Raise ``ValueError`` for option values the rule cannot take (before any layer is
-        converted)."""
+        """``ValueError`` for option values the rule cannot take (before anything is converted)."""
 
     @classmethod
     def for_layer(
         cls, layer: nn.Module, weight: Tensor, seed: int, scale: str, **options: Any
     ) -> Rule:
-        """The rule for ``layer`` whose weight, in the ``(out, in, *kernel)`` layout, is
-        ``weight``, with keyword ``options`` among those the class declares in ``options`` (a
-        rule that needs more of the layer than its weight, such as a convolution's groups,
-        overrides this)."""
+        """The rule for ``layer``, whose weight in the ``(out, in, *kernel)`` layout is
+        ``weight`` (a rule that needs more of the layer, e.g. its groups, overrides this)."""
         return cls(weight, seed, scale, **options)
 
     def initial_state(self, like: Tensor) -> dict[str, Tensor]:
@@ -159,8 +138,7 @@ class Rule(nn.Module):
         return {}
 
     def pass_state(self, advance: bool) -> tuple[Tensor, ...]:
-        """What this forward pass's backward needs (default: the state, in the order of
-        :meth:`initial_state`); ``advance``: a training pass (counters move)."""
+        """What this pass's backward needs (default: the state); ``advance``: a training pass."""
         return tuple(t for _, t in self._state())
 
     def last_state(self) -> tuple[Tensor, ...]:
@@ -172,7 +150,7 @@ class Rule(nn.Module):
         return None
 
     def state_grads(self, grad_weight: Tensor | None, *state: Tensor) -> tuple[Tensor | None, ...]:
-        """Gradients of the :meth:`pass_state` tensors, given the layer's weight gradient."""
+        """Gradients of the :meth:`pass_state` tensors from the layer's weight gradient."""
         return (None,) * len(state)
 
     def update(self, layer: nn.Module) -> None:
