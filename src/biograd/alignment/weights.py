@@ -1,6 +1,4 @@
-"""Weight alignment: the angle between a layer's forward weight and its feedback matrix
-(Lillicrap et al. 2016, Fig. 2; Liao et al. 2016), or for direct rules between the matrix that
-trains a layer and the linearised backprop path (Launay, Poli, Krzakala 2019); and the angle
+"""Weight alignment (Lillicrap et al. 2016, Fig. 2; Launay, Poli, Krzakala 2019) and the angle
 arithmetic that every instrument shares."""
 
 from __future__ import annotations
@@ -72,9 +70,8 @@ class _Pairs:
 
 # --------------------------------------------------------------------------- weight alignment
 class _LinearPaths:
-    """``W_L ... W_k``, the products of the forward weights from a layer (k) to the output layer
-    (L), built from the output down and shared between layers; None where the path is not a
-    plain chain of ``nn.Linear`` layers in module order whose shapes chain."""
+    """``W_L ... W_k``, the products of the forward weights from layer k to the output layer L,
+    built from the output down; None where they are not a chain of ``nn.Linear`` layers."""
 
     def __init__(self, model: nn.Module, output: nn.Module | None) -> None:
         self.weighted = [
@@ -105,26 +102,17 @@ class _LinearPaths:
 
 
 def weight_alignment(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Per converted layer, the angle between its feedback and what backprop would use.
+    """Per converted layer, ``{"angle": degrees, "norm_ratio": ratio}`` between its feedback
+    and what backprop would use.
 
-    Feedback-alignment family (``bp fa usf frsf brsf kp``): the angle in degrees between
-    ``vec(W)`` and ``vec(B)``, with ``B = biograd.feedback_weight(layer)``, and the norm ratio
-    ``||B||_F / ||W||_F`` (Lillicrap et al. 2016; Moskovitz et al. 2018).
-
-    Direct rules (``dfa sdfa drtp shallow``): the row of a layer describes the matrix that
-    *trains it*, ``B_k = biograd.feedback_weight(layer)`` of shape ``(d_k, C)`` at the feedback
-    point ``k`` its output reaches (for an MLP the next layer's input). Backprop would send the
-    error there through the Jacobian of the output with respect to the point; in a linear
-    network this is the product of the forward weights above it, ``P_k = W_L ... W_{l+1}``
-    (``C x d_k``). The entry is the angle between ``vec(B_k)`` and ``vec(P_k^T)`` and the ratio
-    ``||B_k|| / ||P_k||``: a linear-network approximation (Launay, Poli, Krzakala 2019, Sec. 3).
-    Where the path is not a plain product of matrices (a convolution, a branch, or layers whose
-    shapes do not chain in module order), both values are NaN: use :func:`gradient_alignment`,
-    which measures the real thing on data. Layers without such a matrix (the output layer, and
-    every layer before the first forward pass) are left out.
-
-    Returns:
-        ``{layer_name: {"angle": degrees, "norm_ratio": ratio}}``.
+    Feedback-alignment family: the angle between ``vec(W)`` and ``vec(B)``, ``B =
+    biograd.feedback_weight(layer)``, and ``||B||_F / ||W||_F`` (Lillicrap et al. 2016; Moskovitz
+    et al. 2018). Direct rules: the matrix that *trains* the layer, ``B_k`` (``d_k x C``) at the
+    point its output reaches, against ``P_k^T`` with ``P_k = W_L ... W_{l+1}`` the product of the
+    forward weights above, backprop's path in a linear network (Launay, Poli, Krzakala 2019,
+    Sec. 3); NaN where the path is not such a chain (a convolution, a branch, shapes that do not
+    chain in module order: use :func:`gradient_alignment`). Layers without a feedback matrix (a
+    direct rule's output layer, any before the first forward pass) are left out.
     """
     out: dict[str, dict[str, float]] = {}
     layers = list(converted_layers(model))

@@ -1,14 +1,10 @@
 """The ops: one ``torch.autograd.Function`` per op whose backward sends the error through B.
 
-For a layer ``a = W x + b`` the rules of the feedback-alignment family differ from backprop only in
-the matrix that carries the error down: ``dL/dx = B^T delta`` instead of ``W^T delta``
-(Lillicrap et al. 2016, Eq. 1; DESIGN.md, Notation). The weight and bias gradients
-``dL/dW = delta x^T`` and ``dL/db = sum(delta)`` are the exact local gradients.
-
-The forward pass builds nothing: it hands the rule and the tensors of ``rule.pass_state`` to the
-backward, which asks ``rule.matrix(W, *state)`` for B. The state tensors are inputs of the
-Function, so a learned feedback (Kolen-Pollack's B, a Parameter) receives the gradient that
-``rule.state_grads`` gives it.
+For ``a = W x + b`` the feedback-alignment family differs from backprop only in ``dL/dx = B^T
+delta`` instead of ``W^T delta`` (Lillicrap et al. 2016, Eq. 1); ``dL/dW = delta x^T`` and
+``dL/db = sum(delta)`` are exact. The forward pass hands the rule and ``rule.pass_state`` to the
+backward, which asks ``rule.matrix(W, *state)`` for B; the state tensors are inputs of the
+Function, so a learned B (a Parameter) gets the gradient ``rule.state_grads`` gives it.
 """
 
 from __future__ import annotations
@@ -56,9 +52,8 @@ def _rule(
 def _saved(
     ctx: Any, grad_out: Tensor, need_b: bool
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
-    """The input and B (both in ``grad_out``'s dtype: under autocast the forward ran in lower
-    precision; autograd casts each gradient back to its input's dtype) and the state. B is formed
-    only when the input gradient is needed (``need_b``; never for a first layer)."""
+    """The input and B in ``grad_out``'s dtype (autocast; autograd casts each gradient back to
+    its input's dtype), and the state. B is formed only if ``need_b`` (never for a first layer)."""
     x, weight, *state = ctx.saved_tensors
     dt = grad_out.dtype
     b = None
@@ -120,13 +115,9 @@ class LinearFeedback(_Op):
 
 
 class ConvFeedback(_Op):
-    """N-d convolution (1d, 2d, 3d, any stride, padding, dilation and groups) whose backward uses
-    the rule's B for the input gradient, with PyTorch's fused ``convolution_backward``.
-
-    The weight gradient of a convolution does not depend on the weight's values, so one fused call
-    with ``B`` in the weight's place returns B's input gradient and the exact weight and bias
-    gradients together.
-    """
+    """N-d convolution (any stride, padding, dilation, groups) whose backward uses the rule's B
+    for the input gradient: one fused ``convolution_backward`` with B in the weight's place gives
+    it and the exact weight and bias gradients (which do not depend on the weight's values)."""
 
     generate_vmap_rule = True  # torch.func.vmap(grad(...)): per-sample gradients
 

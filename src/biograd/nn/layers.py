@@ -1,12 +1,9 @@
-"""The rule-parametrised layer: one mixin that turns an ``nn.Linear`` or ``nn.Conv{1,2,3}d`` into a
-layer whose backward follows a learning rule, while it stays an instance of its torch class.
-
-The rule and all its state are the child module ``layer.rule`` (state-dict keys
-``<layer>.rule.<tensor>``), the way ``torch.nn.utils.parametrize`` keeps
-``module.parametrizations``. ``biograd.convert`` swaps a module's class for ``Feedback<Class>`` (a
-subclass of both this mixin and the original class) and adds the rule; the module keeps its
-Parameter objects, so its weights stay bit-for-bit and an optimizer built before conversion still
-holds them. ``biograd.nn.Linear(3, 4, rule="fa")`` builds one directly.
+"""The rule-parametrised layer: a mixin that makes an ``nn.Linear`` or ``nn.Conv{1,2,3}d`` follow
+a learning rule while it stays an instance of its torch class. The rule and its state are the
+child module ``layer.rule``, as ``torch.nn.utils.parametrize`` keeps ``module.parametrizations``.
+``biograd.convert`` swaps a module's class for ``Feedback<Class>`` (a subclass of this mixin and
+the original class), so the Parameter objects stay; ``biograd.nn.Linear(3, 4, rule="fa")``
+builds one directly.
 """
 
 from __future__ import annotations
@@ -30,25 +27,13 @@ _STOCK_FORWARD = {cls.forward for cls in CONVERTIBLE}
 
 @dataclass(frozen=True)
 class LinearLike:
-    """How a third-party module that computes a linear map maps onto biograd's linear op.
-
-    The module must have ``weight`` and ``bias`` (or ``bias = None``) and compute
-    ``y = x W^T + b`` with ``W = weight`` (``transposed=False``, ``nn.Linear``'s layout
-    ``(out, in)``) or ``W = weight^T`` (``transposed=True``: ``weight`` is ``(in, out)`` and
-    ``y = x weight + b``, as transformers' ``Conv1D`` of GPT-2). The rule sees ``W`` in the
-    ``(out, in)`` layout (its B and scale are those of a Linear layer of that shape);
-    ``biograd.feedback_weight`` returns B in the module's own layout, shaped like ``weight``.
-    """
+    """How a third-party module with ``weight`` and ``bias`` (or None) that computes ``y = x W^T
+    + b`` maps onto biograd's linear op: ``W = weight`` (``nn.Linear``'s ``(out, in)``) or, with
+    ``transposed``, ``W = weight^T`` (transformers' ``Conv1D`` of GPT-2). The rule sees ``W``
+    (its B and scale are a Linear layer's); ``biograd.feedback_weight`` returns B shaped like
+    ``weight``."""
 
     transposed: bool = False
-
-    def linear_weight(self, weight: Tensor) -> Tensor:
-        """``W`` in the ``(out, in)`` layout (a view of ``weight``)."""
-        return weight.t() if self.transposed else weight
-
-    def module_layout(self, matrix: Tensor) -> Tensor:
-        """A matrix in the ``(out, in)`` layout, in the module's layout (shaped like ``weight``)."""
-        return matrix.t() if self.transposed else matrix
 
 
 _LINEAR_LIKE: dict[type[nn.Module] | str, LinearLike] = {
@@ -86,18 +71,15 @@ def is_convertible_kind(module: nn.Module) -> bool:
     return isinstance(module, CONVERTIBLE) or linear_like(type(module)) is not None
 
 
-def linear_weight(layer: nn.Module) -> Tensor:
-    """The weight a layer's rule sees: ``layer.weight``, or for a transposed linear-like module
-    its ``(out, in)`` view."""
-    spec = linear_like(type(layer))
-    w: Tensor = layer.weight  # type: ignore[assignment]
-    return w if spec is None else spec[0].linear_weight(w)
-
-
 def module_layout(layer: nn.Module, matrix: Tensor) -> Tensor:
-    """A matrix shaped like :func:`linear_weight` of ``layer``, in the layout of ``layer.weight``."""
+    """A matrix in the ``(out, in)`` layout in that of ``layer.weight``, and back (a view)."""
     spec = linear_like(type(layer))
-    return matrix if spec is None else spec[0].module_layout(matrix)
+    return matrix.t() if spec is not None and spec[0].transposed else matrix
+
+
+def linear_weight(layer: nn.Module) -> Tensor:
+    """The weight a layer's rule sees: ``layer.weight`` in the ``(out, in)`` layout."""
+    return module_layout(layer, layer.weight)  # type: ignore[arg-type]
 
 
 def convertible(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> str | None:
@@ -133,14 +115,11 @@ class WeightShapeError(BiogradError, RuntimeError):
 
 
 class FeedbackLayer(nn.Module):
-    """Mixin for a rule-parametrised layer.
-
-    ``rule`` is the layer's :class:`biograd.rules.Rule` (its state included);
-    ``feedback_rule`` its name; ``feedback_exact`` (a mode, like ``training``) makes the layer
-    compute exact backprop (``biograd.exact``). Constructed directly it takes the torch class's
-    arguments plus ``rule`` (default ``"bp"``), ``seed`` (default: from torch's RNG), ``scale``
-    (``biograd.rules.SCALES``) and ``options`` (the rule's own, ``Rule.options``); direct rules
-    need ``biograd.convert`` (they act on the model).
+    """Mixin for a rule-parametrised layer: ``rule`` (a :class:`biograd.rules.Rule`, its state
+    included), ``feedback_rule`` its name, ``feedback_exact`` a mode (like ``training``) for exact
+    backprop (``biograd.exact``). Constructed directly it takes the torch class's arguments plus
+    ``rule`` (default ``"bp"``; not a direct rule, which acts on the model), ``seed`` (default:
+    from torch's RNG), ``scale`` (``biograd.rules.SCALES``) and ``options`` (``Rule.options``).
     """
 
     rule: Rule
@@ -172,10 +151,9 @@ class FeedbackLayer(nn.Module):
         return self._op(x, rule, rule.pass_state(self.training and torch.is_grad_enabled()))
 
     def _follow_weight(self) -> Rule:
-        """The weight changed shape after the rule was made (``resize_token_embeddings`` on a
-        tied output layer, a pruned layer): a rule with fixed state draws it again for the new
-        shape from the same seed and scale; a rule whose feedback learns (its Parameters sit in
-        an optimizer) cannot, and raises."""
+        """The weight changed shape after the rule was made (``resize_token_embeddings``, a
+        pruned layer): fixed state is drawn again from the same seed and scale; learned feedback
+        (Parameters in an optimizer) cannot follow, and raises."""
         old, shape = self.rule, tuple(linear_weight(self).shape)
         if old.learned_feedback:
             raise WeightShapeError(

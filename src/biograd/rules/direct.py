@@ -1,7 +1,6 @@
-"""Direct rules: the output error (or a signal made from it) goes straight to every hidden layer
-through a fixed random matrix, ``delta_l = (B_l s(e)) * f'(a_l)`` (Nøkland 2016). A layer on a
-direct rule holds a stateless rule module; the matrices live in the model's direct-feedback
-engine (:mod:`biograd.direct`), which asks the rule for its signal ``s``."""
+"""Direct rules: a signal of the output error goes straight to every hidden layer through a fixed
+random matrix, ``delta_l = (B_l s(e)) * f'(a_l)`` (Nøkland 2016). The rule is stateless; the
+matrices live in the model's direct-feedback engine (:mod:`biograd.direct`)."""
 
 from __future__ import annotations
 

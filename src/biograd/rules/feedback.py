@@ -1,6 +1,5 @@
-"""Backprop and the feedback-alignment family: rules where the error travels layer by layer
-through a feedback matrix B shaped like W (DESIGN.md, Notation). B is formed in the backward pass
-from the rule's state and W; nothing is built in the forward pass."""
+"""Backprop and the feedback-alignment family: the error travels layer by layer through a
+feedback matrix B shaped like W, formed in the backward pass from the rule's state and W."""
 
 from __future__ import annotations
 
@@ -76,12 +75,10 @@ class BatchRandomSignFeedback(Rule):
     """Batchwise random-magnitude sign-concordant feedback: B = |R_t| * sign(W), R_t redrawn at
     every training forward pass (Liao et al. 2016, "brSF").
 
-    ``t`` is the int64 buffer ``step`` (training passes so far) and ``key`` an int64 buffer
-    made from the layer's seed (:func:`biograd.rules.draw.seed_key`). |R_t| is
-    ``U(0, sqrt(3) s)`` (the magnitude of fa's B) on 256 levels: one counter-based random byte per
-    weight keyed by (key, t) (:mod:`biograd.rules.draw`), made in the backward pass on the
-    weight's device from the buffers alone: a resumed run draws the same R_t as an uninterrupted
-    one, and every device and DDP rank draws the same values.
+    ``t`` is the int64 buffer ``step``, ``key`` an int64 buffer from the layer's seed. |R_t| is
+    ``U(0, sqrt(3) s)`` (fa's magnitude) on 256 levels, a counter-based byte per weight keyed by
+    (key, t) (:mod:`biograd.rules.draw`) made in the backward on the weight's device: resumed
+    runs, devices and DDP ranks draw the same values.
     """
 
     name = "brsf"
@@ -132,11 +129,8 @@ class BatchRandomSignFeedback(Rule):
 class KolenPollack(FeedbackAlignment):
     """Kolen-Pollack: B starts random (as in FA) and receives the same gradient as W, so with the
     same optimizer and weight decay B - W decays to 0 (Kolen & Pollack 1994; Akrout et al. 2019,
-    Eq. 4).
-
-    B is the *Parameter* ``rule.feedback``: any torch optimizer built from ``model.parameters()``
-    after conversion updates it with W's gradient and W's weight decay, and DDP keeps it in step
-    across ranks.
+    Eq. 4). B is the Parameter ``rule.feedback``: an optimizer built after conversion updates it,
+    and DDP keeps it in step across ranks.
     """
 
     name = "kp"
