@@ -67,15 +67,11 @@ def engine_of(model: nn.Module) -> DirectFeedback | None:
 def feedback_weight(layer: nn.Module) -> Tensor | None:
     """The feedback matrix of a converted layer (detached).
 
-    Feedback-alignment family: B shaped like ``layer.weight``, from the rule's state and the
-    current weight: fa and kp their own B, usf and frsf the B of the next backward pass, brsf
-    the draw of its last training pass; ``bp`` returns ``weight``.
-
-    Direct rules: the matrix ``B_k`` of shape ``(d_k, C)`` that *trains this layer*: the one of
-    the feedback point that this layer's output reaches first (the converted layer that ran last
-    before the point; for an MLP the input of the next layer, so ``d_k`` is this layer's outputs
-    per sample), ``C`` the model's outputs per sample. ``None`` for the output layer (it gets
-    the true error) and before the first forward pass has drawn the feedback.
+    Feedback-alignment family: B shaped like ``layer.weight`` from the rule's state and the
+    current weight (usf, frsf: the B of the next backward; brsf: of its last training pass;
+    bp: ``weight``). Direct rules: the ``B_k`` (``d_k x C``) that *trains this layer*, at the
+    feedback point its output reaches first (for an MLP the next layer's input), ``C`` the
+    model's outputs per sample; ``None`` for the output layer and before the first forward pass.
     """
     if not isinstance(layer, FeedbackLayer):
         raise TypeError(
@@ -109,10 +105,9 @@ def set_targets(model: nn.Module, targets: Tensor) -> None:
 
 
 def set_loss_scale(model: nn.Module, scale: float) -> None:
-    """Tell a model on ``sdfa`` or ``drtp`` by what factor the loss is scaled before backward
-    (``scaler.get_scale()`` of an fp16 ``torch.amp.GradScaler``). Their signals, ``sign(e)`` and
-    the targets, do not carry the loss scale that ``e`` carries, so without this the scaler's
-    unscale step would shrink their hidden-layer gradients by the scale. No-op for other rules."""
+    """Tell a model on ``sdfa`` or ``drtp`` the loss scale of an fp16 ``torch.amp.GradScaler``
+    (``scaler.get_scale()``): their signals, ``sign(e)`` and the targets, do not carry it, so the
+    scaler's unscale step would shrink their hidden gradients by it. No-op for other rules."""
     engine = engine_of(model)
     if engine is not None:
         engine.loss_scale = float(scale)

@@ -29,9 +29,8 @@ class ConversionReport:
     output: str | None = None
     feedback_points: list[str] = field(default_factory=list)
     unconverted_matrices: list[str] = field(default_factory=list)
-    """Modules that hold a weight matrix (a parameter named ``*weight`` with two or more
-    dimensions; embeddings aside) but were neither converted nor excluded: their input gradient
-    is backprop's, through the transpose of that matrix. ``convert`` warns about them."""
+    """Modules with a weight matrix (a ``*weight`` of two or more dimensions, embeddings aside)
+    neither converted nor excluded: backprop carries the error through them (``convert`` warns)."""
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} layer(s):"]
