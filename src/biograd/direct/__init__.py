@@ -21,7 +21,8 @@ See ``docs/direct.md``.
 """
 
 from ..rules.direct import DirectRule, FeedbackError
-from .engine import NORMS, DirectFeedback, norm_factor
+from .engine import DirectFeedback
+from .norms import NORMS, norm_factor
 from .layouts import LAYOUTS, Dense, Hashed, Shared, point_salt
 from .memory import feedback_memory, feedback_sizes
 
