@@ -22,9 +22,9 @@ See ``docs/direct.md``.
 
 from ..rules.direct import DirectRule, FeedbackError
 from .engine import DirectFeedback
-from .norms import NORMS, norm_factor
 from .layouts import LAYOUTS, Dense, Hashed, Shared, point_salt
 from .memory import feedback_memory, feedback_sizes
+from .norms import NORMS, norm_factor
 
 __all__ = [
     "LAYOUTS", "NORMS", "Dense", "DirectFeedback", "DirectRule", "FeedbackError", "Hashed",

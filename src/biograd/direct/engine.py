@@ -22,7 +22,8 @@ from ..rules.direct import NO_TARGETS, DirectRule, FeedbackError
 from ..tracing import refuse_tracing
 from .nodes import Inject, Receive
 from .norms import norm_factor
-from .positions import Signal, Site, check_rows, features, lead_dims
+from .positions import Signal, Site, check_rows, features, lead_dims, project_onto
+
 
 def buffer_name(prefix: str, key: str) -> str:
     return prefix + key.replace(".", "__")
@@ -216,7 +217,7 @@ class DirectFeedback(nn.Module):
         classes = self.classes
         assert classes is not None
         self.materialise({site.key: site.d}, classes, sig.s)
-        return self.project_onto(sig, [site])[0]
+        return project_onto(sig, [site], self.project_signal)[0]
 
     def inject(self, out: Tensor, linear: bool = True) -> Tensor:
         """Route the output (of a linear-like layer if ``linear``) through the node that, in
@@ -257,21 +258,7 @@ class DirectFeedback(nn.Module):
         self.current_signal, self.served = sig, {site.key for site in sites}
         if sig is None:
             return [None] * len(sites)
-        return list(self.project_onto(sig, sites))
-
-    def project_onto(self, sig: Signal, sites: Sequence[Site]) -> list[Tensor]:
-        """Each point's gradient from the signal: the per-row and the pooled points each in one
-        call of the layout's :meth:`project_signal`, pooled rows spread over positions."""
-        routes = [sig.rows_for(site) for site in sites]
-        grads: dict[int, Tensor] = {}
-        for pooled in (False, True):
-            idx = [i for i, (_, p) in enumerate(routes) if p == pooled]
-            if idx:
-                s = routes[idx[0]][0]
-                keys, ds = [sites[i].key for i in idx], [sites[i].d for i in idx]
-                for i, g in zip(idx, self.project_signal(s, keys, ds)):
-                    grads[i] = sites[i].spread(g, pooled)
-        return [grads[i] for i in range(len(sites))]
+        return list(project_onto(sig, sites, self.project_signal))
 
     def signal(self, e: Tensor, out_lead: int, targets: Tensor | None) -> Signal | None:
         """The rule's signal ``s(e)``, one row of ``C`` per output row, in the feedback's dtype

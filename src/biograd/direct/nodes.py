@@ -44,7 +44,8 @@ class Inject(torch.autograd.Function):
         engine: DirectFeedback = ctx.engine
         grads = engine.project(e, ctx.sites, ctx.out_lead, ctx.targets)
         grads = [
-            None if g is None else g.to(dtype=dt, device=dev) for g, (dt, dev) in zip(grads, ctx.dtypes)
+            None if g is None else g.to(dtype=dt, device=dev)
+            for g, (dt, dev) in zip(grads, ctx.dtypes)
         ]
         sig = engine.current_signal
         learned: list[Tensor | None] = []
