@@ -231,3 +231,35 @@ def test_feedback_sizes_read_rows_as_the_engine_does() -> None:
         nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Conv2d(2, 2, 3), nn.Flatten(), nn.Linear(8, 3)
     )
     assert biograd.direct.feedback_sizes(cnn, (1, 1, 6, 6)) == ({"2": 32, "4": 8}, 3)
+
+
+class Classifier(nn.Module):
+    """Tokens ``(N, T)`` to per-sample logits ``(N, 3)`` through the mean over positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lin, self.act, self.head = (
+            nn.Embedding(V, D),
+            nn.Linear(D, H),
+            nn.Tanh(),
+            nn.Linear(H, 3),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.act(self.lin(self.emb(x))).mean(1))
+
+
+def test_old_per_sample_checkpoint_needs_batch_dims_1() -> None:
+    """A dense checkpoint from ``batch_dims=1`` (``B`` of ``(T * d, C)`` at token points)
+    continues under ``batch_dims=1`` and is refused in one line under the default."""
+    x, y = torch.randint(0, V, (2, 4)), torch.tensor([0, 2])
+    old = biograd.convert(Classifier(), "dfa", batch_dims=1)
+    F.cross_entropy(old(x), y).backward()
+    assert engine_of(old).sizes == {"lin": 4 * D, "head": H}
+    again = biograd.convert(Classifier(), "dfa", batch_dims=1)
+    again.load_state_dict(old.state_dict())
+    F.cross_entropy(again(x), y).backward()
+    new = biograd.convert(Classifier(), "dfa")
+    new.load_state_dict(old.state_dict())
+    with pytest.raises(FeedbackError, match=r"'lin' has 6 features.*drawn for 24.*set batch_dims"):
+        new(x)
