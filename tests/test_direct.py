@@ -261,15 +261,17 @@ class TinyLM(nn.Module):
         return self.head(self.blocks(self.embed(tokens)))
 
 
+@pytest.mark.parametrize("batch_dims", [2, None])
 @pytest.mark.parametrize("layout", ["dense", "shared", "hashed"])
-def test_explicit_points_in_a_transformer(layout: str) -> None:
-    """Per-token outputs (batch, time, vocab) with batch_dims=2: B_k maps each token's error
-    (vocab) to that token's features (dim) at each block's output."""
+def test_explicit_points_in_a_transformer(layout: str, batch_dims: int | None) -> None:
+    """Per-token outputs (batch, time, vocab) with batch_dims=2, or by default (a block's output
+    is read like the linear layer that ran last in it): B_k maps each token's error (vocab) to
+    that token's features (dim) at each block's output."""
     model = TinyLM()
     tokens = torch.randint(0, 11, (3, 5))
     target = torch.randint(0, 11, (3, 5))
     biograd.convert(
-        model, "dfa", feedback_points=["blocks.0", "blocks.1"], batch_dims=2,
+        model, "dfa", feedback_points=["blocks.0", "blocks.1"], batch_dims=batch_dims,
         example_input=tokens[:1], layout=layout,
     )  # fmt: skip
     eng = engine_of(model)

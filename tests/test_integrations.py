@@ -57,13 +57,9 @@ def as_dataset(batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:
 
 
 def converted(model: nn.Module, rule: str) -> nn.Module:
-    """``model`` on ``rule``: BERT (per-sample logits) sized from a batch for direct rules, the
-    causal LMs with per-token outputs (``batch_dims=2``)."""
-    if not biograd.get_rule(rule).direct:
-        return biograd.convert(model, rule)
-    if isinstance(model, transformers.LlamaForCausalLM):
-        return biograd.convert(model, rule, batch_dims=2)
-    return biograd.convert(model, rule, example_input=cls_batch()["input_ids"])
+    """``model`` on ``rule`` with the defaults (direct rules: BERT's per-sample logits get the
+    pooled signal, the causal LMs' per-token logits the per-token one)."""
+    return biograd.convert(model, rule)
 
 
 def assert_same(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> None:
@@ -225,6 +221,25 @@ def test_hf_trainer_drtp_with_labels_from_the_batch(tmp_path: Any) -> None:
     hf_train(model, cls_batch(8), tmp_path, callback, steps=2)
     assert not torch.equal(model.bert.pooler.dense.weight, before["bert.pooler.dense"])
     assert callback.rows
+
+
+def test_hf_trainer_trains_t5_with_unequal_lengths_under_dfa_defaults(tmp_path: Any) -> None:
+    """An encoder-decoder whose source (8) and target (5) lengths differ: the encoder's points
+    get the pooled error, the decoder's their own positions' (no ``batch_dims``)."""
+    cfg = transformers.T5Config(
+        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+        num_heads=2, dropout_rate=0.0, decoder_start_token_id=0,
+    )  # fmt: skip
+    model = converted(transformers.T5ForConditionalGeneration(cfg), "dfa")
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(0, VOCAB, (8, SEQ), generator=gen),
+        "labels": torch.randint(0, VOCAB, (8, SEQ - 3), generator=gen),
+    }
+    before = hidden_weights(model)
+    hf_train(model, batch, tmp_path, steps=2)
+    for name, w in hidden_weights(model).items():
+        assert not torch.equal(w, before[name]), f"{name} did not learn"
 
 
 # --------------------------------------------------------------------------- Lightning

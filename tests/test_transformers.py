@@ -64,8 +64,8 @@ def _batch(kind: str) -> dict[str, Tensor]:
         return {"input_ids": ids, "labels": ids}
     if kind == "bert":
         return {"input_ids": ids, "labels": torch.arange(N) % 3}
-    if kind == "t5":  # equal source and target lengths (unequal ones: not supported under dfa)
-        return {"input_ids": ids, "labels": torch.randint(0, VOCAB, (N, SEQ))}
+    if kind == "t5":  # source and target of different lengths
+        return {"input_ids": ids, "labels": torch.randint(0, VOCAB, (N, SEQ - 2))}
     return {"pixel_values": torch.randn(N, 3, 8, 8), "labels": torch.arange(N) % 3}
 
 
@@ -73,13 +73,8 @@ MODELS = {"gpt2": _gpt2, "bert": _bert, "llama": _llama, "t5": _t5, "vit": _vit}
 
 
 def _converted(kind: str, rule: str) -> nn.Module:
-    model = MODELS[kind]()
-    if not direct(rule):
-        return biograd.convert(model, rule, seed=1)
-    if kind in ("gpt2", "llama", "t5"):  # per-token outputs
-        return biograd.convert(model, rule, seed=1, batch_dims=2)
-    example = {k: v for k, v in _batch(kind).items() if k != "labels"}
-    return biograd.convert(model, rule, seed=1, example_input=next(iter(example.values())))
+    """``kind`` converted to ``rule`` with the defaults (direct rules: rows by position)."""
+    return biograd.convert(MODELS[kind](), rule, seed=1)
 
 
 def direct(rule: str) -> bool:
@@ -209,13 +204,18 @@ def test_resized_tied_output_layer(rule: str) -> None:
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
-@pytest.mark.parametrize("rule", ["dfa", "brsf"])
-def test_hf_gradient_checkpointing_gives_the_same_gradients(rule: str, reentrant: bool) -> None:
-    batch = _batch("llama")
+@pytest.mark.parametrize(
+    ("kind", "rule"), [("llama", "dfa"), ("llama", "brsf"), ("bert", "dfa"), ("t5", "dfa")]
+)
+def test_hf_gradient_checkpointing_gives_the_same_gradients(
+    kind: str, rule: str, reentrant: bool
+) -> None:
+    """Per-token (llama) and pooled points (bert; t5's encoder, source longer than target)."""
+    batch = _batch(kind)
     grads = []
     for checkpointed in (False, True):
         torch.manual_seed(5)
-        model = _converted("llama", rule)
+        model = _converted(kind, rule)
         model.train()
         if checkpointed:
             model.gradient_checkpointing_enable({"use_reentrant": reentrant})
@@ -226,3 +226,62 @@ def test_hf_gradient_checkpointing_gives_the_same_gradients(rule: str, reentrant
     for name, g in grads[0].items():
         assert grads[1][name] is not None, f"{name} got no gradient"
         torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
+# --------------------------------------------------------------------------- dfa by position
+@pytest.mark.parametrize(
+    ("kind", "layer", "pooled"),
+    [
+        ("gpt2", "transformer.h.0.mlp.c_proj", False),
+        ("llama", "model.layers.0.mlp.down_proj", False),
+        ("t5", "decoder.block.0.layer.2.DenseReluDense.wo", False),
+        ("t5", "encoder.block.0.layer.1.DenseReluDense.wo", True),
+        ("bert", "bert.encoder.layer.0.output.dense", True),
+        ("vit", "vit.layers.0.mlp.fc2", True),
+    ],
+)
+def test_dfa_defaults_project_each_positions_error_or_the_samples_pooled_one(
+    kind: str, layer: str, pooled: bool
+) -> None:
+    """``convert(model, "dfa")`` with the defaults: the input ``(N, P, d)`` of a linear layer
+    has ``B`` of shape ``(d, C)``; where its positions are the output's (causal LMs, T5's
+    decoder) its gradient at position t is ``B e_t``, elsewhere (a classifier's ``(N, C)``
+    output, T5's encoder against a shorter target) ``B sum_t e_t`` at every position."""
+    model = MODELS[kind]()
+    seen: list[Tensor] = []
+
+    def keep(module: nn.Module, args: tuple[Any, ...]) -> None:
+        args[0].retain_grad()
+        seen.append(args[0])
+
+    dict(model.named_modules())[layer].register_forward_pre_hook(keep)  # runs before biograd's
+    biograd.convert(model, "dfa", seed=1)
+    out = model(**_batch(kind))
+    out.logits.retain_grad()
+    out.loss.backward()
+    (x,) = seen
+    e, b = out.logits.grad, model.get_submodule(biograd.conversion_report(model).output)
+    b = b.direct_feedback.matrix(layer)
+    assert b.shape == (x.shape[-1], e.shape[-1])
+    if pooled:
+        e = e.reshape(e.shape[0], -1, e.shape[-1]).sum(1)
+        want = (e @ b.T).unsqueeze(1).expand(x.shape)
+    else:
+        want = e @ b.T
+    torch.testing.assert_close(x.grad, want)
+
+
+def test_bert_under_dfa_takes_sequences_of_two_lengths() -> None:
+    """One ``(d, C)`` matrix per point serves every sequence length (no ``example_input``)."""
+    model = _converted("bert", "dfa")
+    engine = model.classifier.direct_feedback
+    for seq in (SEQ, SEQ + 4):
+        model.zero_grad()
+        batch = {"input_ids": torch.randint(0, VOCAB, (N, seq)), "labels": torch.arange(N) % 3}
+        model(**batch).loss.backward()
+        if seq == SEQ:
+            first = {k: engine.matrix(k).clone() for k in engine.sizes}
+        assert set(engine.sizes.values()) == {16, 32} and engine.classes == 3
+        for name, m in biograd.converted_layers(model):
+            assert m.weight.grad is not None and m.weight.grad.abs().sum() > 0, name
+    assert all(torch.equal(engine.matrix(k), b) for k, b in first.items())

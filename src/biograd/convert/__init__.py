@@ -91,7 +91,7 @@ def convert(
     output: str | None = None,
     layout: str = "dense",
     norm: str = "launay",
-    batch_dims: int = 1,
+    batch_dims: int | None = None,
     feedback_points: Sequence[str] | None = None,
     example_input: Any = None,
     hashed_rows: int = 1024,
@@ -113,8 +113,14 @@ def convert(
 
     Direct rules only (``docs/direct.md``): ``output`` gets the true error (default: the last
     converted layer to run on ``example_input``, else in module order); ``layout``, ``norm``,
-    ``hashed_rows``: ``biograd.direct.LAYOUTS`` and ``NORMS``; ``batch_dims``: leading dimensions
-    that index samples at the feedback points; ``feedback_points``: names or globs of modules
+    ``hashed_rows``: ``biograd.direct.LAYOUTS`` and ``NORMS``; ``batch_dims``: None (default)
+    reads rows by position: a linear-like layer's input ``(N, *P, d)`` has one ``B_k`` of shape
+    ``(d, C)`` for all its positions (a convolution's input: ``prod(shape[1:])`` features), and
+    position ``t`` gets ``B_k s_t`` where the point's positions are the output's (per-token DFA,
+    Launay et al. 2020), else every position of sample ``n`` gets ``B_k sum_t s_{n,t}``
+    (Nøkland 2016's ``B e`` for the sample's error pooled over the output's positions); an int:
+    that many leading dimensions of every point and of the output index samples, a point's
+    equal to the output's (``biograd.direct.positions``); ``feedback_points``: names or globs of modules
     whose *outputs* receive the projected error (block-wise DFA); ``example_input``: a batch (or
     tuple of inputs) run once without backward, to find the layers' order and draw the feedback
     now (needed before ``DistributedDataParallel``).

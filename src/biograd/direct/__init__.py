@@ -13,17 +13,21 @@ computes the back-propagated products that DFA throws away. The output layer's f
 all points of that forward pass to one autograd node which, in backward, receives ``e`` and
 returns ``B_k s(e)`` for every point ``k``.
 
-Feedback matrix of point k: ``B_k`` of shape ``(d_k, C)``, ``d_k`` the number of features per
-sample at the point (``prod(shape[batch_dims:])``), ``C`` the number of outputs per sample; it
-trains the converted layer that ran last before the point. Modules: ``engine`` (the forward and
-backward protocol), ``layouts`` (storage), ``plan`` (hooks, points, output), ``memory`` (cost).
-See ``docs/direct.md``.
+Feedback matrix of point k: ``B_k`` of shape ``(d_k, C)``, ``d_k`` the features per row of the
+point and ``C`` the outputs per row; by default a linear-like layer's input ``(N, *P, d)`` has
+rows ``(N, *P)`` and ``d`` features, a convolution's input per-sample features, and a point
+whose positions differ from the output's gets the sample's pooled signal at every position
+(:mod:`biograd.direct.positions`). It trains the converted layer that ran last before the point.
+Modules: ``engine`` (the forward and backward protocol), ``nodes`` (its autograd nodes),
+``positions`` (rows and routing), ``layouts`` (storage), ``norms`` (scales), ``plan`` (hooks,
+points, output), ``memory`` (cost). See ``docs/direct.md``.
 """
 
 from ..rules.direct import DirectRule, FeedbackError
-from .engine import NORMS, DirectFeedback, norm_factor
+from .engine import DirectFeedback
 from .layouts import LAYOUTS, Dense, Hashed, Shared, point_salt
 from .memory import feedback_memory, feedback_sizes
+from .norms import NORMS, norm_factor
 
 __all__ = [
     "LAYOUTS", "NORMS", "Dense", "DirectFeedback", "DirectRule", "FeedbackError", "Hashed",

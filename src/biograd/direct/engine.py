@@ -20,32 +20,9 @@ from torch import Tensor, nn
 from ..rules.base import get_rule, in_backward
 from ..rules.direct import NO_TARGETS, DirectRule, FeedbackError
 from ..tracing import refuse_tracing
-
-NORMS = ("launay", "fan_in", "fan_out", "none")
-"""Feedback scales (entries are N(0, 1) times the factor; ``d_k`` point features, ``C`` outputs):
-
-- ``launay`` (default): ``1 / sqrt(d_k * C)``. Launay, Poli, Krzakala 2019 draw the shared matrix
-  as N(0,1)/sqrt(d_max*C) and rescale each slice by sqrt(d_max/d_k): the same factor.
-  ``||B_k e|| ~ ||e|| / sqrt(C)``, whatever the width of the point.
-- ``fan_in``: ``1 / sqrt(C)`` (TinyDFA's FAN_IN: divide by the square root of the error size);
-  ``||B_k e|| ~ ||e|| sqrt(d_k / C)``.
-- ``fan_out``: ``1 / sqrt(d_k)`` (TinyDFA's FAN_OUT, its default: divide by the square root of the
-  feedback size); ``||B_k e|| ~ ||e||``.
-- ``none``: 1 (unscaled); ``||B_k e|| ~ ||e|| sqrt(d_k)``.
-"""
-
-
-def norm_factor(norm: str, d: int, classes: int) -> float:
-    """The factor of :data:`NORMS` scheme ``norm`` for a point of ``d`` features and ``C`` outputs."""
-    factors = {"launay": d * classes, "fan_in": classes, "fan_out": d, "none": 1}
-    if norm not in factors:
-        raise ValueError(f"unknown feedback norm {norm!r}; choose one of {', '.join(NORMS)}")
-    return 1.0 / math.sqrt(factors[norm])
-
-
-def features(shape: Sequence[int], batch_dims: int) -> int:
-    """Features per sample of a tensor of ``shape`` whose first ``batch_dims`` index samples."""
-    return math.prod(shape[batch_dims:])
+from .nodes import Inject, Receive
+from .norms import norm_factor
+from .positions import Signal, Site, check_rows, features, lead_dims, project_onto
 
 
 def buffer_name(prefix: str, key: str) -> str:
@@ -54,7 +31,7 @@ def buffer_name(prefix: str, key: str) -> str:
 
 @dataclass
 class _Point:
-    key: str
+    site: Site
     tensor: Tensor
 
 
@@ -66,20 +43,22 @@ class DirectFeedback(nn.Module):
         rule: ``dfa``, ``sdfa``, ``drtp`` or ``shallow`` (any registered direct rule).
         seed: seed of the random feedback (drawn on the CPU: identical on every device and rank).
         norm: one of :data:`NORMS`.
-        batch_dims: leading dimensions that index samples (2 for per-token outputs of shape
-            ``(batch, time, C)``).
+        batch_dims: None (default): rows by position (:mod:`biograd.direct.positions`): the
+            input of a linear-like layer ``(N, *P, d)`` has ``d`` features, ``B_k`` ``(d, C)``
+            is shared by its positions, and it receives per-position or pooled signals. An int:
+            that many leading dimensions of every point and of the output index samples.
         explicit: points are outputs of named modules (``feedback_points``), not layer inputs.
     """
 
     layout: ClassVar[str] = ""
 
     def __init__(
-        self, rule: str, *, seed: int = 0, norm: str = "launay", batch_dims: int = 1,
+        self, rule: str, *, seed: int = 0, norm: str = "launay", batch_dims: int | None = None,
         explicit: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         norm_factor(norm, 1, 1)
-        if batch_dims < 1:
+        if batch_dims is not None and batch_dims < 1:
             raise ValueError(f"batch_dims must be at least 1, got {batch_dims}")
         rule_cls = get_rule(rule)
         if not issubclass(rule_cls, DirectRule):
@@ -92,10 +71,10 @@ class DirectFeedback(nn.Module):
         self.points: list[_Point] = []
         self.targets: Tensor | None = None
         self.trains: dict[str, str] = {}
-        self.last_layer = ""
-        # The projected signal s(e) of the backward pass in progress, for the points that
+        self.last_layer, self.last_linear = "", True
+        # The signal s(e) of the backward pass in progress, for the points that
         # activation checkpointing records while it recomputes a segment (reentrant mode).
-        self.current_signal: Tensor | None = None
+        self.current_signal: Signal | None = None
         self.served: set[str] = set()  # the points that signal was projected onto
         # The factor by which the loss was scaled before backward (fp16 GradScaler): sdfa's and
         # drtp's signals do not carry it, so the engine multiplies them by it.
@@ -188,9 +167,10 @@ class DirectFeedback(nn.Module):
         return sum(b.numel() * b.element_size() for b in self._matrices())
 
     # ---------------------------------------------------------------- forward protocol
-    def record(self, key: str, x: Tensor) -> Tensor:
-        """Record ``x`` as feedback point ``key`` of this forward pass; return it detached, so
-        that nothing above it back-propagates into it."""
+    def record(self, key: str, x: Tensor, linear: bool = True) -> Tensor:
+        """Record ``x`` as feedback point ``key`` of this forward pass (``linear``: a tensor of
+        a linear-like layer, whose rows are its positions; :func:`lead_dims`); return it
+        detached, so that nothing above it back-propagates into it."""
         if self.exact or not torch.is_grad_enabled():
             return x
         refuse_tracing(self.rule.name)
@@ -202,15 +182,16 @@ class DirectFeedback(nn.Module):
             return x
         if any(p.tensor is x for p in self.points):
             return x.detach()
-        if x.dim() <= self.batch_dims:
+        site = Site(key, x.shape, lead_dims(x.dim(), linear, self.batch_dims))
+        if x.dim() <= site.lead:
             raise FeedbackError(
                 f"feedback point {key!r} has shape {tuple(x.shape)}: no feature dimension after "
-                f"batch_dims={self.batch_dims}"
+                f"its {site.lead} sample dimension(s) (batch_dims={self.batch_dims})"
             )
-        self.check(key, features(x.shape, self.batch_dims))
+        self.check(key, site.d)
         if self.last_layer:
             self.trains[key] = self.last_layer
-        self.points.append(_Point(key, x))
+        self.points.append(_Point(site, x))
         if in_backward() and key not in self.served:
             # A checkpointed segment recomputed in the backward pass whose first forward ran
             # without autograd (reentrant checkpointing), so the output's backward, which has
@@ -223,157 +204,91 @@ class DirectFeedback(nn.Module):
                     "which reentrant activation checkpointing hides from the output's backward: "
                     "use torch.utils.checkpoint with use_reentrant=False"
                 )
-            late: Tensor = _Receive.apply(x, self, key)
+            late: Tensor = Receive.apply(x, self, site)
             return late
         return x.detach()
 
-    def late_projection(self, key: str, shape: torch.Size) -> Tensor | None:
-        """``B_k s(e)`` for point ``key`` of ``shape`` from the signal of the backward pass in
+    def late_projection(self, site: Site) -> Tensor | None:
+        """``B_k s(e)`` for a point recorded late from the signal of the backward pass in
         progress (None for ``shallow`` or before any backward pass)."""
-        s = self.current_signal
-        if s is None:
+        sig = self.current_signal
+        if sig is None:
             return None
-        bd = self.batch_dims
-        if features(shape[:bd], 0) != s.shape[0]:
-            raise FeedbackError(
-                f"feedback point {key!r} recomputed with shape {tuple(shape)}: its sample "
-                f"dimensions differ from the output's ({s.shape[0]} rows, batch_dims={bd})"
-            )
-        d = features(shape, bd)
         classes = self.classes
         assert classes is not None
-        self.materialise({key: d}, classes, s)
-        return self.project_signal(s, [key], [d])[0].reshape(shape)
+        self.materialise({site.key: site.d}, classes, sig.s)
+        return project_onto(sig, [site], self.project_signal)[0]
 
-    def inject(self, out: Tensor) -> Tensor:
-        """Route the output through the node that, in backward, projects its gradient onto the
-        feedback points recorded since the last call (materialising their feedback first)."""
+    def inject(self, out: Tensor, linear: bool = True) -> Tensor:
+        """Route the output (of a linear-like layer if ``linear``) through the node that, in
+        backward, projects its gradient onto the feedback points recorded since the last call
+        (materialising their feedback first)."""
         points, self.points = self.points, []
         targets, self.targets = self.targets, None
         if self.exact or not torch.is_grad_enabled() or not points:
             return out
         if self.rule.needs_targets and targets is None and self.training:
             raise FeedbackError(NO_TARGETS)  # in eval mode, only if a backward pass follows
-        bd = self.batch_dims
-        c, rows = features(out.shape, bd), features(out.shape[:bd], 0)
-        for p in points:
-            if features(p.tensor.shape[:bd], 0) != rows:
-                raise FeedbackError(
-                    f"feedback point {p.key!r} has shape {tuple(p.tensor.shape)} with batch_dims="
-                    f"{bd}, the output {tuple(out.shape)}: their sample dimensions differ (set "
-                    "batch_dims in biograd.convert)"
-                )
+        lead = lead_dims(out.dim(), linear, self.batch_dims)
+        c, sites = features(out.shape, lead), [p.site for p in points]
+        for site in sites:
+            check_rows(site, out.shape[:lead], self.batch_dims is None)
         dtype = torch.float32 if torch.is_autocast_enabled(out.device.type) else out.dtype
         like = torch.empty((), device=out.device, dtype=dtype)
-        self.materialise({p.key: features(p.tensor.shape, bd) for p in points}, c, like)
+        self.materialise({site.key: site.d for site in sites}, c, like)
         if c != self.classes:
             raise FeedbackError(
-                f"the output layer gives {c} values per sample (shape {tuple(out.shape)}, "
-                f"batch_dims={bd}), the feedback was made for {self.classes}: set batch_dims, or "
-                "convert again after resizing the output layer"
+                f"the output layer gives {c} values per row (shape {tuple(out.shape)}, "
+                f"batch_dims={self.batch_dims}), the feedback was made for {self.classes}: set "
+                "batch_dims, or convert again after resizing the output layer"
             )
-        keys = [p.key for p in points]
-        learned = [self.matrix(k) for k in keys] if self.rule.learned_feedback else []
-        result: Tensor = _Inject.apply(
-            out, self, targets, keys, len(points), *[p.tensor for p in points], *learned
+        learned = [self.matrix(s.key) for s in sites] if self.rule.learned_feedback else []
+        result: Tensor = Inject.apply(
+            out, self, targets, sites, lead, *[p.tensor for p in points], *learned
         )
         return result
 
     def project(
-        self, e: Tensor, keys: Sequence[str], shapes: Sequence[torch.Size], targets: Tensor | None
+        self, e: Tensor, sites: Sequence[Site], out_lead: int, targets: Tensor | None
     ) -> list[Tensor | None]:
-        """``B_k s(e)`` flattened per sample for each point ``k`` (``None`` for ``shallow``);
-        ``s(e)`` is kept for points that checkpointing recomputes later in this backward pass."""
-        s = self.signal(e, targets)
-        self.current_signal, self.served = s, set(keys)
-        if s is None:
-            return [None] * len(keys)
-        ds = [features(shape, self.batch_dims) for shape in shapes]
-        return list(self.project_signal(s, keys, ds))
+        """The gradient ``B_k s(e)`` of each point (``None`` for ``shallow``), for an output
+        error ``e`` whose first ``out_lead`` dimensions index rows; ``s(e)`` is kept for points
+        that checkpointing recomputes later in this backward pass."""
+        sig = self.signal(e, out_lead, targets)
+        self.current_signal, self.served = sig, {site.key for site in sites}
+        if sig is None:
+            return [None] * len(sites)
+        return list(project_onto(sig, sites, self.project_signal))
 
-    def signal(self, e: Tensor, targets: Tensor | None) -> Tensor | None:
-        """The rule's signal ``s(e)``, ``(rows, C)`` in the feedback's dtype (None: shallow)."""
-        rows = features(e.shape[: self.batch_dims], 0)
-        s = self.rule.signal(e.reshape(rows, -1), targets)
+    def signal(self, e: Tensor, out_lead: int, targets: Tensor | None) -> Signal | None:
+        """The rule's signal ``s(e)``, one row of ``C`` per output row, in the feedback's dtype
+        (None: shallow)."""
+        rows = e.shape[:out_lead]
+        s = self.rule.signal(e.reshape(math.prod(rows), -1), targets)
         if s is None:
             return None
         if self.rule.scale_free and self.loss_scale != 1.0:
             s = s * self.loss_scale
-        return s.to(self._matrices()[0].dtype)
+        return Signal(s.to(self._matrices()[0].dtype), rows, pool=self.batch_dims is None)
 
     # Hooks are bound methods (not closures) so that ``copy.deepcopy`` and pickle of a model
-    # rebind them to the copy's engine.
+    # rebind them to the copy's engine. ``linear``: the hooked layer is linear-like.
     def clear_hook(self, module: nn.Module, args: Any) -> None:
-        self.points, self.last_layer, self.current_signal, self.served = [], "", None, set()
+        self.points, self.current_signal, self.served = [], None, set()
+        self.last_layer, self.last_linear = "", True
 
-    def input_hook(self, key: str, module: nn.Module, args: tuple[Any, ...]) -> Any:
+    def input_hook(self, key: str, linear: bool, module: nn.Module, args: tuple[Any, ...]) -> Any:
         if self.explicit or not args:
             return None
-        return (self.record(key, args[0]), *args[1:])
+        return (self.record(key, args[0], linear), *args[1:])
 
-    def ran_hook(self, key: str, module: nn.Module, args: Any, output: Any) -> None:
-        self.last_layer = key
+    def ran_hook(self, key: str, linear: bool, module: nn.Module, args: Any, output: Any) -> None:
+        self.last_layer, self.last_linear = key, linear
 
-    def output_hook(self, key: str, module: nn.Module, args: Any, output: Any) -> Any:
-        self.last_layer = key
-        return self.inject(output)
+    def output_hook(self, key: str, linear: bool, module: nn.Module, args: Any, out: Any) -> Any:
+        self.last_layer, self.last_linear = key, linear
+        return self.inject(out, linear)
 
     def point_hook(self, key: str, module: nn.Module, args: Any, output: Any) -> Any:
-        return self.record(key, output)
-
-
-class _Inject(torch.autograd.Function):
-    """Identity on the output; its backward sends ``B_k s(e)`` to every feedback point. Under a
-    rule with learned feedback (``dkp``) the matrices ``B_k`` are inputs too, and receive the
-    rule's ``feedback_grad(a_k, s)`` from the points' activities ``a_k``."""
-
-    @staticmethod
-    def forward(
-        out: Tensor, engine: DirectFeedback, targets: Tensor | None, keys: list[str],
-        n: int, *tensors: Tensor,
-    ) -> Tensor:  # fmt: skip
-        return out.view_as(out)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        # forward and setup_context apart: what torch.func.grad needs of a Function
-        _, engine, targets, keys, n, *tensors = inputs
-        points, learned = tensors[:n], tensors[n:]
-        ctx.engine, ctx.targets, ctx.keys, ctx.learned = engine, targets, keys, bool(learned)
-        ctx.shapes = [p.shape for p in points]
-        ctx.dtypes = [(p.dtype, p.device) for p in points]
-        if learned:
-            ctx.save_for_backward(*points)
-
-    @staticmethod
-    def backward(ctx: Any, e: Tensor) -> tuple[Tensor | None, ...]:
-        engine: DirectFeedback = ctx.engine
-        flat = engine.project(e, ctx.keys, ctx.shapes, ctx.targets)
-        s = engine.current_signal
-        grads = [
-            None if f is None else f.to(dtype=dt, device=dev).reshape(shape)
-            for f, shape, (dt, dev) in zip(flat, ctx.shapes, ctx.dtypes)
-        ]
-        learned: list[Tensor | None] = []
-        if ctx.learned:
-            learned = [
-                None if s is None else engine.rule.feedback_grad(a.to(s.dtype), s)
-                for a in ctx.saved_tensors
-            ]
-        return (e, None, None, None, None, *grads, *learned)
-
-
-class _Receive(torch.autograd.Function):
-    """A feedback point recorded during a backward pass (a checkpointed segment recomputed):
-    identity on the point; its backward drops the gradient from above, as a detached point
-    does, and sends ``B_k s(e)`` of the backward pass in progress instead."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, engine: DirectFeedback, key: str) -> Tensor:
-        ctx.engine, ctx.key, ctx.shape, ctx.dtype = engine, key, x.shape, x.dtype
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        g = ctx.engine.late_projection(ctx.key, ctx.shape)
-        return (None if g is None else g.to(ctx.dtype), None, None)
+        # an explicit point reads its rows like the converted layer that ran last before it
+        return self.record(key, output, self.last_linear)

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from ..rules.base import MASK32, layer_seed, mix32
 from ..rules.direct import FeedbackError
-from .engine import DirectFeedback, buffer_name, norm_factor
+from .engine import DirectFeedback, buffer_name
+from .norms import norm_factor
 
 
 def point_salt(seed: int, key: str) -> int:
@@ -83,7 +84,7 @@ class Dense(DirectFeedback):
         b = self._points().get(key)
         if b is not None and b.shape[0] != d:
             raise FeedbackError(
-                f"feedback point {key!r} has {d} features per sample (batch_dims="
+                f"feedback point {key!r} has {d} features per sample or position (batch_dims="
                 f"{self.batch_dims}) but its feedback was drawn for {b.shape[0]} at the first "
                 "forward pass: set batch_dims, or use layout='hashed'"
             )
@@ -174,8 +175,8 @@ class Shared(_Sized):
     def check(self, key: str, d: int) -> None:
         if self._buffers.get("shared") is not None and d > self.shared.shape[0]:
             raise FeedbackError(
-                f"feedback point {key!r} has {d} features per sample, the shared feedback "
-                f"{self.shared.shape[0]} rows (drawn at the first forward pass): run the largest "
+                f"feedback point {key!r} has {d} features per sample or position, the shared "
+                f"feedback {self.shared.shape[0]} rows (drawn at the first forward pass): run the largest "
                 "input first, or use layout='hashed'"
             )
 

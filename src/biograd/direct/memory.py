@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.layers import convertible
-from .engine import DirectFeedback, features
+from .engine import DirectFeedback
 from .layouts import LAYOUTS
 from .plan import explicit_points, match
+from .positions import features, lead_dims, positional
 
 
 class _MetaCall(nn.Module):
@@ -31,22 +32,28 @@ class _MetaCall(nn.Module):
 
 def _trace(
     model: nn.Module, layers: dict[str, nn.Module], explicit: dict[str, nn.Module], x: Tensor,
-    batch_dims: int,
+    batch_dims: int | None,
 ) -> tuple[dict[str, int], int]:  # fmt: skip
     """Run ``model`` on ``x`` (eval mode, restored) and return the feature size of every point
-    and the output size of the last converted layer to run."""
+    and the output size of the last converted layer to run (rows as the engine reads them)."""
     points: dict[str, int] = {}
     outputs: dict[str, int] = {}
+    last = [True]  # whether the last converted layer to run is linear-like
+
+    def size(t: Tensor, linear: bool) -> int:
+        return features(t.shape, lead_dims(t.dim(), linear, batch_dims))
 
     def pre(name: str, args: tuple[Any, ...]) -> None:
         a = args[0] if args else None
         if not explicit and isinstance(a, Tensor) and a.requires_grad:
-            points.setdefault(name, features(a.shape, batch_dims))
+            points.setdefault(name, size(a, positional(layers[name])))
 
     def post(name: str, out: Any, into: dict[str, int]) -> None:
+        if name in layers:
+            last[0] = positional(layers[name])
         if isinstance(out, Tensor):
             into.pop(name, None)
-            into[name] = features(out.shape, batch_dims)
+            into[name] = size(out, last[0])
 
     handles = [m.register_forward_pre_hook(lambda m, a, n=n: pre(n, a)) for n, m in layers.items()]
     handles += [
@@ -74,7 +81,7 @@ def feedback_sizes(
     example_input_shape: Sequence[int],
     *,
     feedback_points: Sequence[str] | None = None,
-    batch_dims: int = 1,
+    batch_dims: int | None = None,
     exclude: Sequence[str] | None = None,
 ) -> tuple[dict[str, int], int]:
     """Feature sizes ``d_k`` of the feedback points that ``biograd.convert`` would make for an
@@ -117,7 +124,7 @@ def feedback_memory(
     layout: str = "dense",
     *,
     feedback_points: Sequence[str] | None = None,
-    batch_dims: int = 1,
+    batch_dims: int | None = None,
     hashed_rows: int = 1024,
     exclude: Sequence[str] | None = None,
     dtype: torch.dtype = torch.float32,

@@ -15,6 +15,7 @@ from torch import nn
 from ..rules.base import get_rule
 from .engine import DirectFeedback
 from .layouts import LAYOUTS
+from .positions import positional
 
 
 def match(name: str, patterns: Sequence[str] | Mapping[str, Any] | None) -> Any:
@@ -63,7 +64,7 @@ def run_order(model: nn.Module, layers: Mapping[str, nn.Module], example_input: 
 
 def attach(
     model: nn.Module, layers: Mapping[str, nn.Module], rule: str, *, seed: int,
-    output: str | None, layout: str, norm: str, batch_dims: int,
+    output: str | None, layout: str, norm: str, batch_dims: int | None,
     feedback_points: Sequence[str] | None, example_input: Any, hashed_rows: int,
 ) -> DirectFeedback:  # fmt: skip
     """Attach a direct-feedback engine for ``rule`` to the output layer of ``model``, whose
@@ -102,9 +103,10 @@ def attach(
     layers[out_name].add_module("direct_feedback", engine)
     model.register_forward_pre_hook(engine.clear_hook)
     for n, layer in layers.items():
-        layer.register_forward_pre_hook(functools.partial(engine.input_hook, n))
+        linear = positional(layer)
+        layer.register_forward_pre_hook(functools.partial(engine.input_hook, n, linear))
         hook = engine.output_hook if n == out_name else engine.ran_hook
-        layer.register_forward_hook(functools.partial(hook, n))
+        layer.register_forward_hook(functools.partial(hook, n, linear))
     for n in explicit:
         modules[n].register_forward_hook(functools.partial(engine.point_hook, n))
     if example_input is not None:

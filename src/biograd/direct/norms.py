@@ -1,0 +1,26 @@
+"""The scale schemes of direct feedback matrices."""
+
+from __future__ import annotations
+
+import math
+
+NORMS = ("launay", "fan_in", "fan_out", "none")
+"""Feedback scales (entries are N(0, 1) times the factor; ``d_k`` point features, ``C`` outputs):
+
+- ``launay`` (default): ``1 / sqrt(d_k * C)``. Launay, Poli, Krzakala 2019 draw the shared matrix
+  as N(0,1)/sqrt(d_max*C) and rescale each slice by sqrt(d_max/d_k): the same factor.
+  ``||B_k e|| ~ ||e|| / sqrt(C)``, whatever the width of the point.
+- ``fan_in``: ``1 / sqrt(C)`` (TinyDFA's FAN_IN: divide by the square root of the error size);
+  ``||B_k e|| ~ ||e|| sqrt(d_k / C)``.
+- ``fan_out``: ``1 / sqrt(d_k)`` (TinyDFA's FAN_OUT, its default: divide by the square root of the
+  feedback size); ``||B_k e|| ~ ||e||``.
+- ``none``: 1 (unscaled); ``||B_k e|| ~ ||e|| sqrt(d_k)``.
+"""
+
+
+def norm_factor(norm: str, d: int, classes: int) -> float:
+    """The factor of :data:`NORMS` scheme ``norm`` for a point of ``d`` features and ``C`` outputs."""
+    factors = {"launay": d * classes, "fan_in": classes, "fan_out": d, "none": 1}
+    if norm not in factors:
+        raise ValueError(f"unknown feedback norm {norm!r}; choose one of {', '.join(NORMS)}")
+    return 1.0 / math.sqrt(factors[norm])
