@@ -159,6 +159,27 @@ def test_dfa_weight_alignment_uses_the_product_of_downstream_weights() -> None:
     assert weight_alignment(model)["0"]["angle"] == pytest.approx(angle(path.t(), b), abs=1e-6)
 
 
+class _Block(nn.Module):
+    """A residual block with two branches: no product of weights is its backprop path."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.q(x)) * self.k(x)
+
+
+def test_dfa_weight_alignment_is_nan_for_layers_nested_in_blocks() -> None:
+    d = 6
+    model = nn.Sequential(nn.Linear(4, d), _Block(d), _Block(d), nn.Linear(d, 3))
+    model = biograd.convert(model, "dfa", seed=0)
+    model(torch.randn(5, 4))
+    weight = weight_alignment(model)
+    assert {"0", "1.k", "2.k"} <= set(weight)  # the layers that ran last before a point
+    assert all(math.isnan(v["angle"]) and math.isnan(v["norm_ratio"]) for v in weight.values())
+
+
 def test_fresh_direct_rules_are_far_from_backprop() -> None:
     torch.manual_seed(1)
     model = biograd.convert(mlp(hidden=64), "dfa")

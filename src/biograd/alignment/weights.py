@@ -71,14 +71,23 @@ class _Pairs:
 # --------------------------------------------------------------------------- weight alignment
 class _LinearPaths:
     """``W_L ... W_k``, the products of the forward weights from layer k to the output layer L,
-    built from the output down; None where they are not a chain of ``nn.Linear`` layers."""
+    built from the output down; None where they are not a chain of ``nn.Linear`` layers.
+
+    A chain is read from module order, so it is trusted only in a flat model: every weighted
+    layer a child of the same module (an ``nn.Sequential`` MLP, or a module with ``fc1``,
+    ``fc2``, ... as attributes). Layers nested in blocks (a transformer's attention and MLP
+    blocks, a ResNet's stages) branch and add residuals: no product of weights is their path."""
 
     def __init__(self, model: nn.Module, output: nn.Module | None) -> None:
-        self.weighted = [
-            m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+        weighted = [
+            (n, m)
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
         ]
+        self.weighted = [m for _, m in weighted]
         self.index = {id(m): i for i, m in enumerate(self.weighted)}
-        self.out = None if output is None else self.index.get(id(output))
+        flat = len({n.rpartition(".")[0] for n, _ in weighted}) == 1
+        self.out = None if output is None or not flat else self.index.get(id(output))
         self.cache: dict[int, Tensor | None] = {}
 
     def above(self, layer: nn.Module) -> Tensor | None:
@@ -110,9 +119,9 @@ def weight_alignment(model: nn.Module) -> dict[str, dict[str, float]]:
     et al. 2018). Direct rules: the matrix that *trains* the layer, ``B_k`` (``d_k x C``) at the
     point its output reaches, against ``P_k^T`` with ``P_k = W_L ... W_{l+1}`` the product of the
     forward weights above, backprop's path in a linear network (Launay, Poli, Krzakala 2019,
-    Sec. 3); NaN where the path is not such a chain (a convolution, a branch, shapes that do not
-    chain in module order: use :func:`gradient_alignment`). Layers without a feedback matrix (a
-    direct rule's output layer, any before the first forward pass) are left out.
+    Sec. 3); NaN where the path is not such a chain (a convolution, layers nested in blocks, shapes
+    that do not chain in module order: use :func:`gradient_alignment`). Layers without a feedback
+    matrix (a direct rule's output layer, any before the first forward pass) are left out.
     """
     out: dict[str, dict[str, float]] = {}
     layers = list(converted_layers(model))
