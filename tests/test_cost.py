@@ -1,15 +1,19 @@
 """What the feedback-alignment family keeps and forms (issue 16): nothing weight-sized from the
 forward pass to the backward pass beyond W and the rule's own state, B formed only in the backward
-and only when the input gradient is needed, and kp's gradient as a distinct copy of W's."""
+and only when the input gradient is needed, kp's gradient as a distinct copy of W's, and direct
+rules' projections ``B_k s(e)`` made one at a time as the backward reaches each point."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.profiler import ProfilerActivity, profile
 
 import biograd
 
@@ -113,3 +117,44 @@ def test_a_training_step_binds_no_signatures(rule: str, monkeypatch: pytest.Monk
     )
     model(x).sum().backward()
     assert calls == []
+
+
+def _peak_bytes(fn: Callable[[], object]) -> int:
+    """The most bytes allocated and not yet freed while ``fn`` runs, from the allocation and free
+    events the CPU allocator reports to ``torch.profiler`` (deterministic)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]  # type: ignore[union-attr]
+    running = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.mark.parametrize(
+    ("rule", "layout"), [("dfa", "dense"), ("dfa", "shared"), ("dfa", "hashed"), ("dkp", "dense")]
+)
+def test_direct_projections_are_not_all_alive_at_once(rule: str, layout: str) -> None:
+    """Each point's ``B_k s(e)`` is made when the backward reaches the point, not all of them
+    when it starts: the backward's peak, beyond the gradients it leaves, stays well under the
+    bytes of all the projections together (11 points of 256 x 64 floats here)."""
+    torch.manual_seed(0)
+    n, width, depth = 256, 64, 10
+    layers: list[nn.Module] = [nn.Linear(16, width), nn.Tanh()]
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(width, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dkp: Parameters made at the first forward
+        biograd.convert(model, rule, layout=layout, hashed_rows=width)
+    x, y = torch.randn(n, 16), torch.randint(0, 10, (n,))
+    F.cross_entropy(model(x), y).backward()  # draws the feedback
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    peak = _peak_bytes(loss.backward)
+    grads = sum(p.numel() * p.element_size() for p in model.parameters())
+    projections = (depth + 1) * n * width * 4
+    assert peak - grads < projections / 2, (peak, grads, projections)

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from ..rules.base import get_rule, in_backward
 from ..rules.direct import NO_TARGETS, DirectRule, FeedbackError
 from ..tracing import refuse_tracing
-from .nodes import Inject, Receive
+from .nodes import Inject, Pass, Receive, tap
 from .norms import norm_factor
-from .positions import Signal, Site, check_rows, features, lead_dims, project_onto
+from .positions import Signal, Site, check_rows, features, lead_dims
 
 
 def buffer_name(prefix: str, key: str) -> str:
@@ -33,6 +33,7 @@ def buffer_name(prefix: str, key: str) -> str:
 class _Point:
     site: Site
     tensor: Tensor
+    tap: Tensor  # the point's Tap: the empty tensor whose backward sends it B_k s(e)
 
 
 class DirectFeedback(nn.Module):
@@ -65,17 +66,18 @@ class DirectFeedback(nn.Module):
             raise ValueError(f"{rule!r} is not a direct rule")
         self.rule: type[DirectRule] = rule_cls
         self.seed, self.norm, self.batch_dims, self.explicit = seed, norm, batch_dims, explicit
-        # Per forward pass (never state): a mode, the pending points and targets, and which
-        # converted layer each point trains (the one that ran last before the point).
+        # Per forward pass (never state): a mode, the pending points, what their taps share,
+        # the targets, and which converted layer each point trains (the one that ran last
+        # before the point).
         self.exact = False
         self.points: list[_Point] = []
+        self.serving = Pass(self)
         self.targets: Tensor | None = None
         self.trains: dict[str, str] = {}
         self.last_layer, self.last_linear = "", True
-        # The signal s(e) of the backward pass in progress, for the points that
-        # activation checkpointing records while it recomputes a segment (reentrant mode).
-        self.current_signal: Signal | None = None
-        self.served: set[str] = set()  # the points that signal was projected onto
+        # The backward pass in progress (its signal s(e) and the points it serves), for the
+        # points that activation checkpointing records while it recomputes a segment.
+        self.current: Pass | None = None
         # The factor by which the loss was scaled before backward (fp16 GradScaler): sdfa's and
         # drtp's signals do not carry it, so the engine multiplies them by it.
         self.loss_scale = 1.0
@@ -109,9 +111,14 @@ class DirectFeedback(nn.Module):
         """Raise :class:`FeedbackError` if point ``key`` with ``d`` features cannot have the
         feedback drawn so far (checked on shapes only: no device synchronisation)."""
 
-    def project_signal(self, s: Tensor, keys: Sequence[str], ds: Sequence[int]) -> list[Tensor]:
-        """``s B_k^T`` (rows x d_k) for every point."""
-        return [s.matmul(self.matrix(k, d).t()) for k, d in zip(keys, ds)]
+    def product(self, s: Tensor, ds: Sequence[int]) -> Tensor:
+        """What the layout computes once per backward pass from the signal rows ``s`` for
+        points of sizes ``ds``, for :meth:`take` (here: ``s`` itself)."""
+        return s
+
+    def take(self, product: Tensor, key: str, d: int) -> Tensor:
+        """``s B_k^T`` (rows x d_k) of point ``key`` from the :meth:`product` of ``s``."""
+        return product.matmul(self.matrix(key, d).t())
 
     @staticmethod
     def entries(sizes: dict[str, int], classes: int, hashed_rows: int) -> int:
@@ -191,8 +198,9 @@ class DirectFeedback(nn.Module):
         self.check(key, site.d)
         if self.last_layer:
             self.trains[key] = self.last_layer
-        self.points.append(_Point(site, x))
-        if in_backward() and key not in self.served:
+        tapped = tap(x, self.serving, site)  # a graph break under torch.compile
+        self.points.append(_Point(site, x, tapped))
+        if in_backward() and (self.current is None or key not in self.current.served):
             # A checkpointed segment recomputed in the backward pass whose first forward ran
             # without autograd (reentrant checkpointing), so the output's backward, which has
             # run, could not serve this point: it takes its projection of s(e) now.
@@ -211,13 +219,13 @@ class DirectFeedback(nn.Module):
     def late_projection(self, site: Site) -> Tensor | None:
         """``B_k s(e)`` for a point recorded late from the signal of the backward pass in
         progress (None for ``shallow`` or before any backward pass)."""
-        sig = self.current_signal
+        sig = None if self.current is None else self.current.signal
         if sig is None:
             return None
         classes = self.classes
         assert classes is not None
         self.materialise({site.key: site.d}, classes, sig.s)
-        return project_onto(sig, [site], self.project_signal)[0]
+        return Pass(self, sig).projection(site)
 
     def inject(self, out: Tensor, linear: bool = True) -> Tensor:
         """Route the output (of a linear-like layer if ``linear``) through the node that, in
@@ -225,6 +233,7 @@ class DirectFeedback(nn.Module):
         (materialising their feedback first)."""
         points, self.points = self.points, []
         targets, self.targets = self.targets, None
+        serving, self.serving = self.serving, Pass(self)
         if self.exact or not torch.is_grad_enabled() or not points:
             return out
         if self.rule.needs_targets and targets is None and self.training:
@@ -242,23 +251,13 @@ class DirectFeedback(nn.Module):
                 f"batch_dims={self.batch_dims}), the feedback was made for {self.classes}: set "
                 "batch_dims, or convert again after resizing the output layer"
             )
-        learned = [self.matrix(s.key) for s in sites] if self.rule.learned_feedback else []
+        learned = []
+        if self.rule.learned_feedback:
+            learned = [*[p.tensor for p in points], *[self.matrix(s.key) for s in sites]]
         result: Tensor = Inject.apply(
-            out, self, targets, sites, lead, *[p.tensor for p in points], *learned
+            out, serving, targets, sites, lead, *[p.tap for p in points], *learned
         )
         return result
-
-    def project(
-        self, e: Tensor, sites: Sequence[Site], out_lead: int, targets: Tensor | None
-    ) -> list[Tensor | None]:
-        """The gradient ``B_k s(e)`` of each point (``None`` for ``shallow``), for an output
-        error ``e`` whose first ``out_lead`` dimensions index rows; ``s(e)`` is kept for points
-        that checkpointing recomputes later in this backward pass."""
-        sig = self.signal(e, out_lead, targets)
-        self.current_signal, self.served = sig, {site.key for site in sites}
-        if sig is None:
-            return [None] * len(sites)
-        return list(project_onto(sig, sites, self.project_signal))
 
     def signal(self, e: Tensor, out_lead: int, targets: Tensor | None) -> Signal | None:
         """The rule's signal ``s(e)``, one row of ``C`` per output row, in the feedback's dtype
@@ -274,7 +273,7 @@ class DirectFeedback(nn.Module):
     # Hooks are bound methods (not closures) so that ``copy.deepcopy`` and pickle of a model
     # rebind them to the copy's engine. ``linear``: the hooked layer is linear-like.
     def clear_hook(self, module: nn.Module, args: Any) -> None:
-        self.points, self.current_signal, self.served = [], None, set()
+        self.points, self.serving, self.current = [], Pass(self), None
         self.last_layer, self.last_linear = "", True
 
     def input_hook(self, key: str, linear: bool, module: nn.Module, args: tuple[Any, ...]) -> Any:

@@ -183,9 +183,13 @@ class Shared(_Sized):
     def _matrix(self, key: str, d: int) -> Tensor:
         return self.shared[:d] * norm_factor(self.norm, d, self.shared.shape[1])
 
-    def project_signal(self, s: Tensor, keys: Sequence[str], ds: Sequence[int]) -> list[Tensor]:
-        full = s.matmul(self.shared[: max(ds)].t())
-        return [full[:, :d] * norm_factor(self.norm, d, self.shared.shape[1]) for d in ds]
+    def product(self, s: Tensor, ds: Sequence[int]) -> Tensor:
+        # one matmul for all points, kept for the backward pass (rows x max d_k): cheaper than
+        # one per point, and each point's columns are those of a single product
+        return s.matmul(self.shared[: max(ds)].t())
+
+    def take(self, product: Tensor, key: str, d: int) -> Tensor:
+        return product[:, :d] * norm_factor(self.norm, d, self.shared.shape[1])
 
     @staticmethod
     def entries(sizes: dict[str, int], classes: int, hashed_rows: int) -> int:
@@ -235,14 +239,13 @@ class Hashed(_Sized):
         scale = norm_factor(self.norm, d, self.basis.shape[1])
         return self.basis[idx] * (sign.to(self.basis.dtype) * scale).unsqueeze(1)
 
-    def project_signal(self, s: Tensor, keys: Sequence[str], ds: Sequence[int]) -> list[Tensor]:
-        pe = s.matmul(self.basis.t())
-        out = []
-        for k, d in zip(keys, ds):
-            idx, sign = self.hash_index(k, d, pe.device)
-            factor = sign.to(pe.dtype) * norm_factor(self.norm, d, self.basis.shape[1])
-            out.append(pe.index_select(1, idx).mul_(factor))
-        return out
+    def product(self, s: Tensor, ds: Sequence[int]) -> Tensor:
+        return s.matmul(self.basis.t())  # rows x R, kept for the backward pass
+
+    def take(self, product: Tensor, key: str, d: int) -> Tensor:
+        idx, sign = self.hash_index(key, d, product.device)
+        factor = sign.to(product.dtype) * norm_factor(self.norm, d, self.basis.shape[1])
+        return product.index_select(1, idx).mul_(factor)
 
     @staticmethod
     def entries(sizes: dict[str, int], classes: int, hashed_rows: int) -> int:

@@ -24,7 +24,7 @@ point's positions as a convolution's per-sample feedback is shared by its pixels
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -111,21 +111,3 @@ class Signal:
         """The signal rows that ``site`` receives, and whether they are pooled."""
         pooled = check_rows(site, self.rows, self.pool)
         return (self.pooled() if pooled else self.s), pooled
-
-
-def project_onto(
-    sig: Signal, sites: Sequence[Site],
-    project: Callable[[Tensor, Sequence[str], Sequence[int]], list[Tensor]],
-) -> list[Tensor]:  # fmt: skip
-    """Each point's gradient from the signal, with ``project(s, keys, ds)`` the layout's
-    ``s B_k^T`` for several points: one call for the per-row points, one for the pooled ones,
-    whose rows are then spread over their positions."""
-    routes = [sig.rows_for(site) for site in sites]
-    grads: dict[int, Tensor] = {}
-    for pooled in (False, True):
-        idx = [i for i, (_, p) in enumerate(routes) if p == pooled]
-        if idx:
-            keys, ds = [sites[i].key for i in idx], [sites[i].d for i in idx]
-            for i, g in zip(idx, project(routes[idx[0]][0], keys, ds)):
-                grads[i] = sites[i].spread(g, pooled)
-    return [grads[i] for i in range(len(sites))]
