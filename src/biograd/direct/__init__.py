@@ -9,9 +9,10 @@ derivatives come from autograd (the placement of Launay, Poli, Krzakala 2019). E
 points can be put on the output of any module instead (block-wise DFA, Launay et al. 2020).
 
 A point's tensor is detached from the graph above it in the forward pass, so the backward never
-computes the back-propagated products that DFA throws away. The output layer's forward pass hands
-all points of that forward pass to one autograd node which, in backward, receives ``e`` and
-returns ``B_k s(e)`` for every point ``k``.
+computes the back-propagated products that DFA throws away. Every point carries a small autograd
+node (a tap) made where the point is; the output's node receives ``e`` in backward and computes the
+rule's signal ``s(e)``, and each tap returns ``B_k s(e)`` as its point's gradient when the backward
+reaches that point (so about one projection is alive at a time).
 
 Feedback matrix of point k: ``B_k`` of shape ``(d_k, C)``, ``d_k`` the features per row of the
 point and ``C`` the outputs per row; by default a linear-like layer's input ``(N, *P, d)`` has
