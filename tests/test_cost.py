@@ -158,3 +158,21 @@ def test_direct_projections_are_not_all_alive_at_once(rule: str, layout: str) ->
     grads = sum(p.numel() * p.element_size() for p in model.parameters())
     projections = (depth + 1) * n * width * 4
     assert peak - grads < projections / 2, (peak, grads, projections)
+
+
+@pytest.mark.parametrize("layout", ["dense", "shared", "hashed"])
+def test_two_forward_passes_in_one_backward_each_get_their_signal(layout: str) -> None:
+    """The taps of each forward pass read the signal of their own output's backward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    biograd.convert(model, "dfa", layout=layout)
+    x1, x2, y = torch.randn(5, 4), torch.randn(5, 4), torch.randint(0, 3, (5,))
+    F.cross_entropy(model(x1), y).backward()
+    F.cross_entropy(model(x2), y).backward()
+    apart = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    (F.cross_entropy(model(x1), y) + F.cross_entropy(model(x2), y)).backward()
+    together = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(together) == len(apart) == 6
+    for a, b in zip(apart, together):
+        torch.testing.assert_close(b, a)
