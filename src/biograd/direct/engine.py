@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -154,15 +154,15 @@ class DirectFeedback(nn.Module):
         self.placeholders(
             [n for n in saved if n not in self._buffers and n not in self._parameters]
         )
-        for name, buf in self._buffers.items():
-            value = state_dict.get(prefix + name)
-            if buf is not None and value is not None and buf.shape != value.shape:
-                self._buffers[name] = torch.empty_like(value, device=buf.device, dtype=buf.dtype)
-        for name, par in self._parameters.items():
-            value = state_dict.get(prefix + name)
-            if par is not None and value is not None and par.shape != value.shape:
-                empty = torch.empty_like(value, device=par.device, dtype=par.dtype)
-                self._parameters[name] = nn.Parameter(empty, par.requires_grad)
+        stores = cast(list[dict[str, Tensor | None]], [self._buffers, self._parameters])
+        for store in stores:
+            for name, old in store.items():
+                value = state_dict.get(prefix + name)
+                if old is None or value is None or old.shape == value.shape:
+                    continue
+                new = torch.empty_like(value, device=old.device, dtype=old.dtype)
+                is_par = isinstance(old, nn.Parameter)
+                store[name] = nn.Parameter(new, old.requires_grad) if is_par else new
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _matrices(self) -> list[Tensor]:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..nn.layers import convertible
 from .engine import DirectFeedback
 from .layouts import LAYOUTS
-from .plan import explicit_points, match
+from .plan import explicit_points, match, probing
 from .positions import features, lead_dims, positional
 
 
@@ -63,14 +63,10 @@ def _trace(
         m.register_forward_hook(lambda m, a, y, n=n: post(n, y, points))
         for n, m in explicit.items()
     ]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.enable_grad():
+        with probing(model, grad=True):
             model(x)
     finally:
-        for m, mode in modes.items():
-            m.training = mode
         for h in handles:
             h.remove()
     return points, list(outputs.values())[-1]

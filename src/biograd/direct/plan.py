@@ -6,7 +6,8 @@ from __future__ import annotations
 import fnmatch
 import functools
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -41,6 +42,25 @@ def explicit_points(model: nn.Module, patterns: Sequence[str] | None) -> list[st
     return chosen
 
 
+@contextmanager
+def probing(model: nn.Module, grad: bool) -> Iterator[None]:
+    """For a forward pass that only looks at ``model``: every module in eval mode, autograd on
+    if ``grad``; each module's train mode restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.set_grad_enabled(grad):
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def call(model: nn.Module, example_input: Any) -> Any:
+    """``model(example_input)``, or ``model(*example_input)`` for a tuple of arguments."""
+    return model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
+
+
 def run_order(model: nn.Module, layers: Mapping[str, nn.Module], example_input: Any) -> list[str]:
     """The names of ``layers`` in the order they run on ``example_input`` (one forward pass in
     eval mode without autograd; train modes restored)."""
@@ -49,14 +69,10 @@ def run_order(model: nn.Module, layers: Mapping[str, nn.Module], example_input: 
         m.register_forward_pre_hook(functools.partial(lambda n, *_: ran.append(n), n))
         for n, m in layers.items()
     ]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
-            model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
+        with probing(model, grad=False):
+            call(model, example_input)
     finally:
-        for m, mode in modes.items():
-            m.training = mode
         for h in handles:
             h.remove()
     return list(dict.fromkeys(ran))
@@ -117,16 +133,11 @@ def attach(
 def materialise(model: nn.Module, engine: DirectFeedback, example_input: Any) -> None:
     """Run ``model`` once on ``example_input`` (eval mode, restored) so that the engine draws its
     feedback now; nothing else changes (no backward pass, no optimizer state)."""
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.enable_grad():
-            args = example_input if isinstance(example_input, tuple) else (example_input,)
-            model(*args)
+        with probing(model, grad=True):
+            call(model, example_input)
     finally:
         engine.points, engine.targets = [], None
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def detach_hooks(model: nn.Module) -> None:
