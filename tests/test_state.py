@@ -306,3 +306,30 @@ def test_a_rule_with_learned_state_of_its_own_shape_and_a_post_step_update() -> 
     torch.testing.assert_close(biograd.feedback_weight(layer), b.detach())
     biograd.update_feedback(model)
     assert torch.allclose(biograd.feedback_weight(layer), 0.5 * b.detach())
+
+
+def test_learned_direct_feedback_comes_back_after_from_pretrained(tmp_path) -> None:
+    """dkp's B_k are made at the first forward pass, so ``from_pretrained`` (which keeps only the
+    keys of a model that has not run) drops them; ``load_rule_state`` brings them back."""
+    torch.manual_seed(0)
+    cfg, inputs = tiny_bert()
+    cls = converted_bert_class("dkp")
+    model = cls(cfg)
+    model(**inputs)  # the feedback exists: the optimizer gets it
+    y = torch.tensor([0, 1, 2, 0])
+    train(model, inputs, y)
+    model.save_pretrained(tmp_path)
+    feedback = {k: v for k, v in model.state_dict().items() if ".direct_feedback." in k}
+    assert feedback
+    loaded = cls.from_pretrained(tmp_path)
+    loaded.eval()(**inputs)
+    redrawn = loaded.state_dict()
+    assert not all(torch.equal(redrawn[k], v) for k, v in feedback.items())  # learned B lost
+    again = cls.from_pretrained(tmp_path)
+    keys = biograd.load_rule_state(
+        again, safetensors_torch.load_file(tmp_path / "model.safetensors")
+    )
+    assert set(feedback) <= set(keys)
+    assert_same_state(model, again)
+    model.eval()
+    assert torch.equal(logits(model(**inputs)), logits(again.eval()(**inputs)))

@@ -27,7 +27,7 @@ from .convert import (
 )
 from .experiment.monitor import AlignmentMonitor
 from .rules import get_rule, rule_names
-from .state import load_plain, plain_state_dict, unconvert
+from .state import load_plain, load_rule_state, plain_state_dict, unconvert
 
 if TYPE_CHECKING:
     from .experiment.compare import CompareResult, compare
@@ -70,6 +70,7 @@ __all__ = [
     "get_rule",
     "gradient_alignment",
     "load_plain",
+    "load_rule_state",
     "needs_targets",
     "plain_state_dict",
     "rules_of",

@@ -1,5 +1,5 @@
 """Taking a model off its rules and moving weights between converted and plain models:
-``unconvert``, ``plain_state_dict`` and ``load_plain``."""
+``unconvert``, ``plain_state_dict``, ``load_plain`` and ``load_rule_state``."""
 
 from __future__ import annotations
 
@@ -53,3 +53,24 @@ def load_plain(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     if extra:
         raise RuntimeError(f"load_plain: {extra[:3]} are rule state, not plain weights")
     model.load_state_dict({**merged, **state_dict}, strict=True)
+
+
+def load_rule_state(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Load only the rules' state (a layer's ``rule.*``, a direct rule's ``direct_feedback.*``)
+    from a full ``state_dict`` of the converted model; the weights are left as they are. Returns
+    the keys loaded.
+
+    For loaders that keep only the keys a model has *before* its first forward pass, and so drop
+    a direct rule's feedback, which is made at the first forward pass: Hugging Face
+    ``from_pretrained`` reports them as unexpected. Fixed feedback (``dfa``, ...) is drawn again
+    identically from the seed; a learned one (``dkp``) must come back with this function, e.g.
+    ``load_rule_state(model, safetensors.torch.load_file(f"{path}/model.safetensors"))``.
+    """
+    prefixes = tuple(
+        f"{n}." for n, m in model.named_modules() if n and isinstance(m, (Rule, DirectFeedback))
+    )
+    subset = {k: v for k, v in state_dict.items() if k.startswith(prefixes)}
+    result = model.load_state_dict(subset, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"load_rule_state: {result.unexpected_keys[:3]} are not in the model")
+    return sorted(subset)
