@@ -28,14 +28,19 @@ def unconvert(model: nn.Module) -> nn.Module:
     return model
 
 
-def rule_keys(model: nn.Module) -> set[str]:
-    """The ``state_dict`` keys of ``model`` that hold rule state (not in the plain model)."""
-    prefixes = [
+def _rule_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """The ``state_dict`` key prefixes of the modules that hold rule state."""
+    return tuple(
         f"{n}." if n else ""
         for n, m in model.named_modules()
         if isinstance(m, (Rule, DirectFeedback))
-    ]
-    return {k for k in model.state_dict() if any(k.startswith(p) for p in prefixes)}
+    )
+
+
+def rule_keys(model: nn.Module) -> set[str]:
+    """The ``state_dict`` keys of ``model`` that hold rule state (not in the plain model)."""
+    prefixes = _rule_prefixes(model)
+    return {k for k in model.state_dict() if k.startswith(prefixes)}
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -66,9 +71,7 @@ def load_rule_state(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[
     identically from the seed; a learned one (``dkp``) must come back with this function, e.g.
     ``load_rule_state(model, safetensors.torch.load_file(f"{path}/model.safetensors"))``.
     """
-    prefixes = tuple(
-        f"{n}." for n, m in model.named_modules() if n and isinstance(m, (Rule, DirectFeedback))
-    )
+    prefixes = _rule_prefixes(model)
     subset = {k: v for k, v in state_dict.items() if k.startswith(prefixes)}
     result = model.load_state_dict(subset, strict=False)
     if result.unexpected_keys:
