@@ -19,6 +19,7 @@ from biograd.calls import Call, targets_from_batch
 transformers = pytest.importorskip("transformers")
 pl = pytest.importorskip("lightning.pytorch")
 
+import tiny_hf  # noqa: E402
 from biograd.integrations import huggingface as bg_hf  # noqa: E402
 from biograd.integrations import lightning as bg_pl  # noqa: E402
 
@@ -26,20 +27,11 @@ VOCAB, SEQ, BATCH = 64, 8, 4
 
 
 def tiny_bert(labels: int = 3) -> nn.Module:
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32, num_labels=labels,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    return transformers.BertForSequenceClassification(cfg)
+    return tiny_hf.bert(VOCAB, 32, labels)
 
 
 def tiny_llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_hf.llama(VOCAB, 32)
 
 
 def cls_batch(n: int = BATCH) -> dict[str, Tensor]:

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 import biograd
 
 transformers = pytest.importorskip("transformers")
+import tiny_hf  # noqa: E402
+
 VOCAB, SEQ, N = 64, 6, 3
 
 
@@ -25,20 +27,11 @@ def _gpt2() -> nn.Module:
 
 
 def _bert() -> nn.Module:
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    return transformers.BertForSequenceClassification(cfg)
+    return tiny_hf.bert(VOCAB, 16)
 
 
 def _llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_hf.llama(VOCAB, 16)
 
 
 def _t5() -> nn.Module:
