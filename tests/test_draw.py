@@ -57,6 +57,19 @@ def test_bytes_are_pinned() -> None:
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize(("seed", "step"), [(0, 0), (7, 3), (2**62 - 1, 2**40), (5, 2**63 - 9)])
+def test_cpu_integer_key_path_equals_the_device_tensor_path(seed: int, step: int) -> None:
+    """On the CPU the step key is a Python integer; on an accelerator the same value is
+    computed with int64 tensor ops on the device. Both must give the same key and bytes."""
+    key, t = torch.tensor(draw.seed_key(seed)), torch.tensor(step)
+    on_cpu = draw.step_key(key, t)
+    on_device = draw.splitmix64_tensor(key + t)  # what a CUDA key gets
+    assert isinstance(on_cpu, int) and on_cpu == int(on_device)
+    assert torch.equal(draw.random_bytes(4099, on_cpu), draw.random_bytes(4099, on_device))
+    a = draw.magnitudes((33, 31), torch.tensor(0.2), on_cpu)
+    assert torch.equal(a, draw.magnitudes((33, 31), torch.tensor(0.2), on_device))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bytes_are_identical_on_cuda() -> None:
     key = _key(3, 11)

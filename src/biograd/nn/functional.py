@@ -59,13 +59,21 @@ def _saved(
     b = None
     if need_b:
         b = ctx.rule.matrix(weight, *state)
-        b = (weight if b is None else b).to(dt)
-    return x.to(dt), b, tuple(state)
+        b = _as(weight if b is None else b, dt)
+    return _as(x, dt), b, tuple(state)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # a no-op ``to`` still costs a dispatch
 
 
 def _state_grads(ctx: Any, grad_w: Tensor | None, state: tuple[Tensor, ...]) -> list[Any]:
     grads = ctx.rule.state_grads(grad_w, *state)
     return [g if need else None for g, need in zip(grads, ctx.needs_input_grad[ctx.n_args :])]
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
 
 
 class _Op(torch.autograd.Function):
@@ -107,8 +115,8 @@ class LinearFeedback(_Op):
         x, b, state = _saved(ctx, grad_out, need_x)
         grad_x = grad_out.matmul(b) if b is not None else None
         del b  # a B formed here is freed before the weight gradient is allocated
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_w = g2.t().matmul(x.reshape(-1, x.shape[-1])) if need_w else None
+        g2, x2 = (grad_out, x) if x.dim() == 2 else (_rows(grad_out), _rows(x))
+        grad_w = g2.t().matmul(x2) if need_w else None
         grad_b = g2.sum(0) if need_b and ctx.has_bias else None
         extra = _state_grads(ctx, grad_w, state)
         return grad_x, grad_w if ctx.needs_input_grad[1] else None, grad_b, None, *extra

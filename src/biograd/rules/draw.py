@@ -26,6 +26,7 @@ CUDA give the same bits; int32 multiplication wraps modulo 2^32 on both.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -71,34 +72,52 @@ def seed_key(seed: int) -> int:
     return _signed64(splitmix64(seed & _M64))
 
 
-def step_key(key: Tensor, step: Tensor) -> Tensor:
-    """The 64-bit key of the draw at ``step`` (int64 tensors, on any device, no host
-    synchronisation): ``splitmix64(key + step)``, ``key`` from :func:`seed_key`."""
+def step_key(key: Tensor, step: Tensor) -> Tensor | int:
+    """The 64-bit key of the draw at ``step``: ``splitmix64(key + step)``, ``key`` from
+    :func:`seed_key`. On an accelerator an int64 tensor on the device (no host synchronisation);
+    on the CPU, where reading a scalar costs nothing, the same value as a Python integer (a
+    dozen tiny tensor ops fewer per layer and step)."""
+    if key.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _signed64(splitmix64((int(key) + int(step)) & _M64))
     return splitmix64_tensor(key + step)
+
+
+@functools.cache
+def _constants(device: torch.device) -> tuple[Tensor, ...]:
+    """fmix32's shifts, masks and multipliers as int32 tensors on ``device``: an op with a
+    tensor operand skips the wrapping of a Python scalar, a third of a small op's cost."""
+    values = (16, 0xFFFF, 13, 0x7FFFF, _C1, _C2)
+    return tuple(torch.tensor(v, dtype=torch.int32, device=device) for v in values)
 
 
 def _fmix32_(x: Tensor) -> Tensor:
     """MurmurHash3's finaliser on an int32 tensor, in place (logical shifts via masks: ``>>``
     on int32 is arithmetic)."""
-    x ^= (x >> 16) & 0xFFFF
-    x *= _C1
-    x ^= (x >> 13) & 0x7FFFF
-    x *= _C2
-    x ^= (x >> 16) & 0xFFFF
+    s16, m16, s13, m19, c1, c2 = _constants(x.device)
+    t = torch.bitwise_right_shift(x, s16).bitwise_and_(m16)
+    x ^= t
+    x *= c1
+    x ^= torch.bitwise_right_shift(x, s13, out=t).bitwise_and_(m19)
+    x *= c2
+    x ^= torch.bitwise_right_shift(x, s16, out=t).bitwise_and_(m16)
     return x
 
 
-def _low32(x: Tensor) -> Tensor:
-    """The low 32 bits of an int64 tensor as int32 (the same bits, two's complement)."""
+def _low32(x: Tensor | int) -> Tensor | int:
+    """The low 32 bits of an int64 tensor (or integer) as int32 (the same bits, two's
+    complement)."""
     low = x & 0xFFFFFFFF
-    return (low - (low >> 31) * (1 << 32)).to(torch.int32)
+    out = low - (low >> 31) * (1 << 32)
+    return out.to(torch.int32) if isinstance(out, Tensor) else out
 
 
-def random_bytes(n: int, key: Tensor) -> Tensor:
-    """``n`` random bytes (uint8, shape ``(n,)``) from the 64-bit int64 tensor ``key``, on its
-    device and the same on every device: the little-endian bytes of
-    ``fmix32(fmix32(i XOR k_lo) XOR k_hi)`` for word ``i = 0 .. ceil(n/4) - 1``."""
-    words = torch.arange((n + 3) // 4, dtype=torch.int32, device=key.device)
+def random_bytes(n: int, key: Tensor | int, device: torch.device | str = "cpu") -> Tensor:
+    """``n`` random bytes (uint8, shape ``(n,)``) from the 64-bit key (an int64 tensor, on its
+    device, or a Python integer, on ``device``), the same on every device: the little-endian
+    bytes of ``fmix32(fmix32(i XOR k_lo) XOR k_hi)`` for word ``i = 0 .. ceil(n/4) - 1``."""
+    if isinstance(key, Tensor):
+        device = key.device
+    words = torch.arange((n + 3) // 4, dtype=torch.int32, device=device)
     words ^= _low32(key)
     _fmix32_(words)
     words ^= _low32(key >> 32)
@@ -110,15 +129,18 @@ def random_bytes(n: int, key: Tensor) -> Tensor:
 def magnitudes(
     shape: torch.Size | tuple[int, ...],
     std: float | Tensor,
-    key: Tensor,
+    key: Tensor | int,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> Tensor:
     """Random magnitudes ``(u + 1/2) * sqrt(3) * std / 256`` of the given shape on ``key``'s
-    device, ``u`` the bytes of :func:`random_bytes`: ``U(0, sqrt(3) std)`` on 256 levels (see
-    the module docstring). Computed in float32 (float64 for a float64 ``dtype``), then cast."""
+    device (``device`` for an integer key), ``u`` the bytes of :func:`random_bytes`:
+    ``U(0, sqrt(3) std)`` on 256 levels (see the module docstring). Computed in float32
+    (float64 for a float64 ``dtype``), then cast."""
     n = math.prod(shape)
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    r = random_bytes(n, key).to(work).add_(0.5)
+    u = random_bytes(n, key, device)
+    r = torch.add(u, 0.5, out=torch.empty(n, dtype=work, device=u.device))  # exact
     step = (math.sqrt(3.0) / LEVELS) * std
     r = r.mul_(step.to(work) if isinstance(step, Tensor) else step)
     return r.view(shape).to(dtype)

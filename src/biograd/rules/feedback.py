@@ -121,7 +121,7 @@ class BatchRandomSignFeedback(Rule):
     def matrix(self, weight: Tensor, *state: Tensor) -> Tensor | None:
         scale, step, key = state
         k = draw.step_key(key.to(weight.device), step.to(weight.device))
-        mag = draw.magnitudes(weight.shape, scale, k, weight.dtype)
+        mag = draw.magnitudes(weight.shape, scale, k, weight.dtype, weight.device)
         return torch.copysign(mag, weight, out=mag)
 
 
