@@ -194,6 +194,24 @@ def test_conv_with_b_equal_w_is_autograd_bit_for_bit(dim: int) -> None:
         assert torch.equal(a, r)
 
 
+@pytest.mark.parametrize("rule", ["bp", "fa", "usf", "brsf", "kp"])
+def test_conv_gradients_do_not_depend_on_the_memory_format(rule: str) -> None:
+    """A model and batch in channels_last (``channels_last: true`` in a config) compute the
+    same output and gradients as in the default layout, up to rounding."""
+    torch.manual_seed(0)
+    plain = biograd.convert(nn.Conv2d(3, 8, 3, padding=1), rule, seed=1)
+    last = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    assert last.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 9, 9)
+    grads = []
+    for layer, batch in ((plain, x), (last, x.contiguous(memory_format=torch.channels_last))):
+        xi = batch.clone().requires_grad_()
+        out = layer(xi)
+        grads.append((out, *_grads(out, torch.ones_like(out), xi, layer.weight, layer.bias)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dim", [1, 2, 3])
 def test_conv_gradcheck_float64(dim: int) -> None:
     x = torch.randn(2, 2, *(4,) * dim, dtype=torch.float64, requires_grad=True)

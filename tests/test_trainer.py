@@ -87,6 +87,27 @@ def test_rules_on_a_convnet(tmp_path, rule):
     assert any(r["layer"] == "conv2" for r in rows(tmp_path / rule / "alignment.csv"))
 
 
+def test_channels_last_trains_as_the_default_layout_and_is_recorded_only_when_on(tmp_path):
+    base = ["data.subset=64", "data.test_subset=32", "model.name=lenet", "model.pad_to=16",
+            "rule.name=fa", "epochs=1"]  # fmt: skip
+    ((plain,), (last,)) = (
+        run(
+            load_config(None, [*base, f"channels_last={on}"]),
+            tmp_path / on,
+            progress=False,
+            echo=None,
+        )
+        for on in ("false", "true")
+    )
+    assert plain["train_loss"] == pytest.approx(last["train_loss"], rel=1e-4)
+    assert plain["test_loss"] == pytest.approx(last["test_loss"], rel=1e-4)
+    assert "channels_last" not in yaml.safe_load((tmp_path / "false" / "config.yaml").read_text())
+    assert yaml.safe_load((tmp_path / "true" / "config.yaml").read_text())["channels_last"] is True
+    for on, fmt in (("false", torch.contiguous_format), ("true", torch.channels_last)):
+        state = torch.load(checkpoint_path(tmp_path / on, "fa", 0), weights_only=True)["model"]
+        assert state["conv1.weight"].is_contiguous(memory_format=fmt)
+
+
 def test_schedule_and_optimizer_wrappers(tmp_path):
     cfg = load_config(
         None,

@@ -329,6 +329,12 @@ class Config(Section):
         "multiple of its first loss (besides a non-finite loss); 0: only non-finite losses",
     )
     device: str = "cpu"
+    channels_last: bool = Field(
+        default=False,
+        description="4-D weights and inputs in torch.channels_last memory format: the same "
+        "maths in faster convolution and pooling kernels (LeNet on this CPU: about 1.4x), "
+        "rounded differently",
+    )
     threads: Int = Field(
         default=0,
         ge=0,
@@ -537,6 +543,8 @@ def dump(cfg: Config) -> dict[str, Any]:
     if data["data"].get("factory") is None:
         data["data"].pop("factory", None)
         data["data"].pop("kwargs", None)
+    if not data["channels_last"]:  # as configs written before the key existed
+        data.pop("channels_last")
     return data
 
 

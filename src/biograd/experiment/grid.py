@@ -43,7 +43,16 @@ from .runner import Spec, cell_configs, load_spec
 from .trainer import checkpoint_path, read_rows, run
 
 #: Keys of a cell's config that do not change its result (where it ran, how many threads).
-VOLATILE = ("data.root", "data.download", "device", "threads", "out", "plots", "tensorboard")
+VOLATILE = (
+    "data.root",
+    "data.download",
+    "device",
+    "channels_last",
+    "threads",
+    "out",
+    "plots",
+    "tensorboard",
+)
 #: The files of a finished cell that are small enough to commit.
 SMALL_FILES = ("config.yaml", "metrics.csv", "alignment.csv", "cell.yaml")
 

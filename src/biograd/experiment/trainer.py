@@ -259,16 +259,24 @@ def make_scheduler(cfg: Config, opt: torch.optim.Optimizer) -> Any:
     return None
 
 
+def placed(x: Tensor, device: str, channels_last: bool = False) -> Tensor:
+    """A batch on ``device``, a 4-D one in channels_last memory format if asked for."""
+    if channels_last and x.dim() == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterable[Any], device: str, targets: bool
-) -> tuple[float, float]:
+    model: nn.Module, batches: Iterable[Any], device: str, targets: bool,
+    channels_last: bool = False,
+) -> tuple[float, float]:  # fmt: skip
     """Mean cross-entropy and accuracy over ``batches``."""
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
     for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = placed(x, device, channels_last), y.to(device, non_blocking=True)
         if targets:
             set_targets(model, y)
         out = model(x)
@@ -338,6 +346,8 @@ def train_one(
     train, test = data
     device = cfg.device
     model = build(cfg, rule, seed, tuple(train.shape), train.classes)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     main = distributed.is_main()
     net = distributed.wrap(model, torch.device(device))  # DDP under torchrun, else model itself
     opt = make_optimizer(cfg, model)
@@ -406,7 +416,7 @@ def train_one(
             shown["epoch"] = f"{epoch + 1}/{cfg.epochs}"
             start = time.perf_counter()
             for x, y in train_loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = placed(x, device, cfg.channels_last), y.to(device, non_blocking=True)
                 if targets:
                     set_targets(model, y)
                 if monitor.enabled and step % monitor.every == 0:
@@ -455,7 +465,7 @@ def train_one(
             if sched is not None:
                 sched.step()
             epoch += 1
-            test_loss, test_acc = evaluate(model, test_loader, device, targets)
+            test_loss, test_acc = evaluate(model, test_loader, device, targets, cfg.channels_last)
             row = {
                 "rule": rule,
                 "seed": seed,
