@@ -332,7 +332,7 @@ class Config(Section):
     channels_last: bool = Field(
         default=False,
         description="4-D weights and inputs in torch.channels_last memory format: the same "
-        "maths in faster convolution and pooling kernels (LeNet on this CPU: about 1.4x), "
+        "maths in faster convolution and pooling kernels (LeNet on a CPU: about 1.15x), "
         "rounded differently",
     )
     threads: Int = Field(
