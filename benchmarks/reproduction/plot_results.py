@@ -51,6 +51,41 @@ def lenet():
     fig.savefig(IMG / "results_lenet.png", dpi=100)
 
 
+def lenet_full(folder):
+    """A committed 100-epoch LeNet grid (``benchmarks/results/...-cpu_full``): published vs ours
+    (mean, std, and every seed as a dot) and the test-error curve of every finished cell."""
+    folder = Path(folder)
+    grid = read_yaml(folder / "grid.yaml")
+    rows = grid_rows(folder, Spec.model_validate(grid["spec"]), str(grid["scale"]))
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_bar, ax_curve = fig.subplots(1, 2)
+    xs = range(len(rows))
+    ax_bar.bar([x - 0.2 for x in xs], [r["published"] or 0 for r in rows], 0.4,
+               label="published", color="0.6")  # fmt: skip
+    ax_bar.bar([x + 0.2 for x in xs], [r["ours"] for r in rows], 0.4,
+               yerr=[r["std"] or 0 for r in rows], label="ours (mean, std)", color="tab:blue")  # fmt: skip
+    for x, r in zip(xs, rows):
+        seeds = sorted(folder.glob(f"default/{r['rule']}-seed*/metrics.csv"))
+        errs = [100 * (1 - float(list(csv.DictReader(p.open()))[-1]["test_acc"])) for p in seeds]
+        ax_bar.plot([x + 0.2] * len(errs), errs, "k.", ms=4)
+        for p in seeds:
+            metrics = list(csv.DictReader(p.open()))
+            ax_curve.plot([int(m["epoch"]) for m in metrics],
+                          [100 * (1 - float(m["test_acc"])) for m in metrics],
+                          lw=0.8, label=r["rule"] if p == seeds[0] else None,
+                          color=f"C{x}")  # fmt: skip
+    ax_bar.set_xticks(list(xs), [r["rule"] for r in rows])
+    ax_bar.set_ylabel("test error (%) after 100 epochs")
+    ax_bar.legend(fontsize="small")
+    ax_curve.set_yscale("log")
+    ax_curve.set_xlabel("epoch (lr / 10 at 50 and 75)")
+    ax_curve.set_ylabel("test error (%)")
+    ax_curve.legend(fontsize="small", ncol=2)
+    name = grid["spec"]["title"].split(": ")[-1]
+    fig.suptitle(f"{name}, the published protocol ({len(rows)} rules finished)")
+    fig.savefig(IMG / f"results_{folder.name.split('-', 3)[-1]}.png", dpi=100)
+
+
 def grid(name, title):
     rows = rows_of(name)
     settings = list(dict.fromkeys(r["setting"] for r in rows))
@@ -149,6 +184,8 @@ def bottleneck(name):
 for job in sys.argv[1:]:
     if job == "lenet":
         lenet()
+    elif job.startswith("lenet_full:"):
+        lenet_full(job.removeprefix("lenet_full:"))
     elif job.startswith("fc_grid"):
         grid(
             job,
