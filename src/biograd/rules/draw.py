@@ -139,8 +139,7 @@ def magnitudes(
     (float64 for a float64 ``dtype``), then cast."""
     n = math.prod(shape)
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    u = random_bytes(n, key, device)
-    r = torch.add(u, 0.5, out=torch.empty(n, dtype=work, device=u.device))  # exact
+    r = random_bytes(n, key, device).to(work).add_(0.5)
     step = (math.sqrt(3.0) / LEVELS) * std
     r = r.mul_(step.to(work) if isinstance(step, Tensor) else step)
     return r.view(shape).to(dtype)
