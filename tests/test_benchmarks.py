@@ -96,3 +96,48 @@ def test_fa_family_peak_is_backprops_plus_the_rules_state() -> None:
     for rule in ("fa", "usf", "frsf", "brsf", "kp"):
         peak, state = measure(rule)
         assert peak - bp_peak <= state - bp_state + largest // 4, rule
+
+
+def test_result_plots_of_a_finished_grid(tmp_path: Path, monkeypatch, capsys) -> None:
+    """benchmarks/reproduction/plot_results.py draws docs/results.md's grid plots (published vs
+    ours with every seed and the test-error curves; per-layer alignment over training) and
+    prints the alignment table, from a grid folder as `biograd reproduce` leaves it."""
+    import yaml
+
+    from biograd.cli import main
+
+    spec = {
+        "title": "tiny: digits",
+        "paper": "none",
+        "base": {
+            "data": {"name": "digits", "batch_size": 64, "subset": 256, "test_subset": 128},
+            "model": {"name": "mlp", "widths": [16, 16]},
+            "optim": {"lr": 0.05},
+            "epochs": 2,
+            "alignment": {"every": 2},
+            "plots": False,
+        },
+        "rules": ["bp", "fa", "usf"],
+        "seeds": [0],
+        "rule_seeds": {"fa": [0, 1]},
+        "published": {"default": {"bp": 5.0, "fa": 9.0}},
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))
+    grid = tmp_path / "tiny-full"
+    assert main(["reproduce", str(tmp_path / "tiny.yaml"), "--out", str(grid)]) == 0
+    sys.path.insert(0, str(BENCH / "reproduction"))
+    try:
+        plots = _load("reproduction/plot_results")
+    finally:
+        sys.path.remove(str(BENCH / "reproduction"))
+    monkeypatch.setattr(plots, "IMG", tmp_path)
+    capsys.readouterr()
+    plots.main([f"lenet_full:{grid}", f"alignment:{grid},default"])
+    assert {p.name for p in tmp_path.glob("*.png")} == {
+        "results_tiny-full.png",
+        "results_tiny-full_default_alignment.png",
+    }
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| rule | first layer |") and len(table) == 4  # fa, usf
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| fa", "| usf"]
+    assert all(float(c) >= 0 for row in table[2:] for c in row.strip("| ").split(" | ")[1:])

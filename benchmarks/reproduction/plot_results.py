@@ -1,9 +1,11 @@
 """Plots of docs/results.md from the grid directories under runs/reproduce/."""
 
 import csv
+import re
 import sys
 from pathlib import Path
 
+import matplotlib
 from matplotlib.figure import Figure
 
 from biograd.experiment.config import read_yaml
@@ -51,6 +53,11 @@ def lenet():
     fig.savefig(IMG / "results_lenet.png", dpi=100)
 
 
+def _undated(folder):
+    """A grid folder's name without an export's date prefix (``2026-12-02-``)."""
+    return re.sub(r"^\d{4}-\d{2}-\d{2}-", "", folder.name)
+
+
 def lenet_full(folder):
     """A committed 100-epoch LeNet grid (``benchmarks/results/...-cpu_full``): published vs ours
     (mean, std, and every seed as a dot) and the test-error curve of every finished cell."""
@@ -65,7 +72,7 @@ def lenet_full(folder):
     ax_bar.bar([x + 0.2 for x in xs], [r["ours"] for r in rows], 0.4,
                yerr=[r["std"] or 0 for r in rows], label="ours (mean, std)", color="tab:blue")  # fmt: skip
     for x, r in zip(xs, rows):
-        seeds = sorted(folder.glob(f"default/{r['rule']}-seed*/metrics.csv"))
+        seeds = sorted(folder.glob(f"{r['setting']}/{r['rule']}-seed*/metrics.csv"))
         errs = [100 * (1 - float(list(csv.DictReader(p.open()))[-1]["test_acc"])) for p in seeds]
         ax_bar.plot([x + 0.2] * len(errs), errs, "k.", ms=4)
         for p in seeds:
@@ -83,7 +90,53 @@ def lenet_full(folder):
     ax_curve.legend(fontsize="small", ncol=2)
     name = grid["spec"]["title"].split(": ")[-1]
     fig.suptitle(f"{name}, the published protocol ({len(rows)} rules finished)")
-    fig.savefig(IMG / f"results_{folder.name.split('-', 3)[-1]}.png", dpi=100)
+    fig.savefig(IMG / f"results_{_undated(folder)}.png", dpi=100)
+
+
+def alignment(folder, setting="plain"):
+    """Per-layer gradient angle with backprop over training, one panel per rule (seed 0 of
+    ``setting`` in a grid folder: runs/reproduce/NAME-SCALE or an exported results folder), and
+    a table of the last measurement: first conv, each stage's mean, the classifier, the network."""
+    folder = Path(folder)
+    runs = sorted(p for p in (folder / setting).glob("*-seed0") if (p / "alignment.csv").exists())
+    runs = [p for p in runs if not p.name.startswith("bp-")]
+    fig = Figure(figsize=(max(3.2 * len(runs), 7), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(runs), sharey=True, squeeze=False)[0]
+    table = []
+    for ax, run in zip(axes, runs):
+        curves: dict[str, list[tuple[int, float]]] = {}
+        for r in csv.DictReader((run / "alignment.csv").open()):
+            if r["kind"] == "gradient" and r["angle"]:
+                curves.setdefault(r["layer"], []).append((int(r["step"]), float(r["angle"])))
+        layers = [k for k in curves if k != "<network>"]
+        cmap = matplotlib.colormaps["viridis"]
+        for i, layer in enumerate(layers):
+            steps, angles = zip(*curves[layer])
+            ax.plot(steps, angles, lw=0.8, color=cmap(i / max(len(layers) - 1, 1)))
+        if "<network>" in curves:
+            steps, angles = zip(*curves["<network>"])
+            ax.plot(steps, angles, "k", lw=2, label="whole network")
+        rule = run.name.rsplit("-seed", 1)[0]
+        ax.set_title(rule)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        last = {k: v[-1][1] for k, v in curves.items()}
+        stages = sorted({k.split(".")[0] for k in layers if k.startswith("layer")})
+        table.append((rule, last.get(layers[0]), [
+            sum(v for k, v in last.items() if k.startswith(st + ".")) /
+            sum(1 for k in last if k.startswith(st + ".")) for st in stages
+        ], last.get(layers[-1]), last.get("<network>"), stages))  # fmt: skip
+    axes[0].set_ylabel("gradient angle with bp (deg)")
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"{folder.name}, {setting}: gradient angle of every layer (dark: first layers)")
+    fig.savefig(IMG / f"results_{_undated(folder)}_{setting}_alignment.png", dpi=100)
+    stages = table[0][5] if table else []
+    print("| rule | first layer | " + " | ".join(f"{st} (mean)" for st in stages)
+          + " | last layer | network |")  # fmt: skip
+    print("|---|" + "---:|" * (len(stages) + 3))
+    for rule, first, means, last_layer, net, _ in table:
+        cells = [first, *means, last_layer, net]
+        print(f"| {rule} | " + " | ".join("-" if c is None else f"{c:.0f}" for c in cells) + " |")
 
 
 def grid(name, title):
@@ -181,16 +234,23 @@ def bottleneck(name):
                 print(f"| {mode} | {rule} | {cells} |")
 
 
-for job in sys.argv[1:]:
-    if job == "lenet":
-        lenet()
-    elif job.startswith("lenet_full:"):
-        lenet_full(job.removeprefix("lenet_full:"))
-    elif job.startswith("fc_grid"):
-        grid(
-            job,
-            "Launay et al. 2019 grid, launay_fc on "
-            + ("Fashion-MNIST" if "fashion" in job else "MNIST"),
-        )
-    elif job.startswith("bottleneck"):
-        bottleneck(job)  # e.g. bottleneck_fc_mnist
+def main(jobs):
+    for job in jobs:
+        if job == "lenet":
+            lenet()
+        elif job.startswith("alignment:"):
+            alignment(*job.removeprefix("alignment:").split(","))
+        elif job.startswith("lenet_full:"):
+            lenet_full(job.removeprefix("lenet_full:"))
+        elif job.startswith("fc_grid"):
+            grid(
+                job,
+                "Launay et al. 2019 grid, launay_fc on "
+                + ("Fashion-MNIST" if "fashion" in job else "MNIST"),
+            )
+        elif job.startswith("bottleneck"):
+            bottleneck(job)  # e.g. bottleneck_fc_mnist
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
