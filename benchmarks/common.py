@@ -281,23 +281,31 @@ def peak_bytes(t: Trainee, x: Tensor, y: Tensor) -> dict[str, int]:
         torch.cuda.synchronize(x.device)
         increment = torch.cuda.max_memory_allocated(x.device) - before
     else:
-        from torch.profiler import ProfilerActivity, profile
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                step_after_zero_grad(t, x, y)
-        events = [
-            e
-            for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
-            if e.name() == "[memory]" and str(e.device_type()) == "DeviceType.CPU"
-        ]
-        events.sort(key=lambda e: e.start_ns())
-        running = increment = 0
-        for e in events:
-            running += e.nbytes()
-            increment = max(increment, running)
+        increment = cpu_peak_increment(lambda: step_after_zero_grad(t, x, y))
     return {"start": start, "increment": increment, "peak": start + increment}
+
+
+def cpu_peak_increment(fn: Callable[[], object]) -> int:
+    """The most CPU bytes allocated and not yet freed while ``fn`` runs: the running sum, in
+    time order, of the allocation and free events the allocator reports to ``torch.profiler``
+    (``profile_memory=True``; blocks allocated before ``fn`` report no free)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+        if e.name() == "[memory]" and str(e.device_type()) == "DeviceType.CPU"
+    ]
+    events.sort(key=lambda e: e.start_ns())
+    running = increment = 0
+    for e in events:
+        running += e.nbytes()
+        increment = max(increment, running)
+    return increment
 
 
 # ----------------------------------------------------------------------------- machine

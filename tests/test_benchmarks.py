@@ -3,30 +3,17 @@ numbers themselves are measured by hand and recorded in docs/performance.md)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str) -> ModuleType:
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))  # the scripts import benchmarks/common.py
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import BENCH, load
 
 
 def test_step_time_quick(tmp_path: Path) -> None:
-    step_time = _load("step_time")
+    step_time = load("step_time")
     argv = ["--quick", "--cases", "mlp,resnet20", "--rules", "usf,dfa", "--out", str(tmp_path)]
     assert step_time.main(argv) == 0
     text = (tmp_path / "step_time.md").read_text()
@@ -46,7 +33,7 @@ def test_step_time_quick(tmp_path: Path) -> None:
 def test_peak_memory_counts_the_step_and_the_state() -> None:
     """The CPU peak is the state at the start plus what the step allocates: at least every
     gradient (allocated in the step, alive at its end), at most a few times the step's tensors."""
-    common = _load("common")
+    common = load("common")
     torch.manual_seed(0)
     model = common.mlp([64, 256, 256, 10])
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -62,7 +49,7 @@ def test_peak_memory_counts_the_step_and_the_state() -> None:
 
 
 def test_direct_memory_quick(tmp_path: Path) -> None:
-    direct_memory = _load("direct_memory")
+    direct_memory = load("direct_memory")
     assert direct_memory.main(["--quick", "--reps", "2", "--out", str(tmp_path)]) == 0
     text = next(tmp_path.glob("direct_memory*.md")).read_text()
     assert "hashed" in text and "dense" in text
@@ -76,7 +63,7 @@ def test_fa_family_peak_is_backprops_plus_the_rules_state() -> None:
 
     import biograd
 
-    common = _load("common")
+    common = load("common")
     torch.manual_seed(0)
     base = common.mlp([64, 512, 512, 10])
     x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
@@ -127,7 +114,7 @@ def test_result_plots_of_a_finished_grid(tmp_path: Path, monkeypatch, capsys) ->
     assert main(["reproduce", str(tmp_path / "tiny.yaml"), "--out", str(grid)]) == 0
     sys.path.insert(0, str(BENCH / "reproduction"))
     try:
-        plots = _load("reproduction/plot_results")
+        plots = load("reproduction/plot_results")
     finally:
         sys.path.remove(str(BENCH / "reproduction"))
     monkeypatch.setattr(plots, "IMG", tmp_path)

@@ -6,16 +6,16 @@ rules' projections ``B_k s(e)`` made one at a time as the backward reaches each 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.profiler import ProfilerActivity, profile
 
 import biograd
+from benchmark_scripts import load
 
 FAMILY = ("fa", "usf", "frsf", "brsf", "kp")
 
@@ -119,21 +119,6 @@ def test_a_training_step_binds_no_signatures(rule: str, monkeypatch: pytest.Monk
     assert calls == []
 
 
-def _peak_bytes(fn: Callable[[], object]) -> int:
-    """The most bytes allocated and not yet freed while ``fn`` runs, from the allocation and free
-    events the CPU allocator reports to ``torch.profiler`` (deterministic)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]  # type: ignore[union-attr]
-    running = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        running += e.nbytes()
-        peak = max(peak, running)
-    return peak
-
-
 @pytest.mark.parametrize(
     ("rule", "layout"), [("dfa", "dense"), ("dfa", "shared"), ("dfa", "hashed"), ("dkp", "dense")]
 )
@@ -154,7 +139,7 @@ def test_direct_projections_are_not_all_alive_at_once(rule: str, layout: str) ->
     F.cross_entropy(model(x), y).backward()  # draws the feedback
     model.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
-    peak = _peak_bytes(loss.backward)
+    peak = load("common").cpu_peak_increment(loss.backward)
     grads = sum(p.numel() * p.element_size() for p in model.parameters())
     projections = (depth + 1) * n * width * 4
     assert peak - grads < projections / 2, (peak, grads, projections)

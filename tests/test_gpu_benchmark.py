@@ -3,33 +3,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 import biograd
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_throughput.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_throughput", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load
 
 
 def test_quick_cpu_run_reports_every_configuration_and_survives_failures(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bench = _load()
+    bench = load("gpu_throughput")
     real_convert, real_step = biograd.convert, bench.train_step
 
     def convert(model: Any, rule: str, **kwargs: Any) -> Any:
@@ -85,7 +72,7 @@ def test_quick_cpu_run_reports_every_configuration_and_survives_failures(
 
 
 def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _load()
+    bench = load("gpu_throughput")
     with pytest.raises(SystemExit) as exc:
         bench.main(["--rules", "bp,nosuchrule"])
     assert exc.value.code == 2
@@ -97,7 +84,7 @@ def test_compiled_rules_do_not_share_compiled_frames(
 ) -> None:
     # brsf breaks the graph; compiled first in the same process, its frames must not capture fa's
     # model (which alone compiles to one graph) nor be recompiled while the rules are timed.
-    bench = _load()
+    bench = load("gpu_throughput")
     tiny = bench.Workload("lenet", "lenet", "LeNet", (1, 28, 28), 10, 2, "dense", (1, 28, 28), 2)
     monkeypatch.setitem(bench.WORKLOADS, "lenet", tiny)
     argv = ["--quick", "--device", "cpu", "--models", "lenet", "--rules", "brsf,fa"]
@@ -112,7 +99,7 @@ def test_compiled_rules_do_not_share_compiled_frames(
 
 
 def test_spent_time_budget_skips_the_rest(tmp_path: Path) -> None:
-    bench = _load()
+    bench = load("gpu_throughput")
     argv = ["--quick", "--device", "cpu", "--models", "resnet20", "--rules", "fa"]
     assert bench.main([*argv, "--max-minutes", "1e-9", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "gpu_throughput.json").read_text())["rows"]
