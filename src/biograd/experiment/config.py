@@ -548,6 +548,15 @@ def dump(cfg: Config) -> dict[str, Any]:
     return data
 
 
+def diff_keys(a: Any, b: Any, prefix: str = "") -> Iterable[str]:
+    """The dotted keys in which two dumped configs (nested dicts) differ, in sorted order."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            yield from diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
     path = Path(path)

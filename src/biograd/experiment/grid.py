@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from ..errors import BiogradError, ConfigError, DivergedError
-from .config import Config, apply_overrides, dump, read_yaml, validate
+from .config import Config, apply_overrides, diff_keys, dump, read_yaml, validate
 from .runner import Spec, cell_configs, load_spec
 from .trainer import checkpoint_path, read_rows, run
 
@@ -110,23 +110,13 @@ def seeds_of(spec: Spec, scale: str, rule: str, seeds: list[int]) -> list[int]:
 # --- status -----------------------------------------------------------------------------------
 
 
-def _differs(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [
-            k
-            for key in sorted(set(a) | set(b))
-            for k in _differs(a.get(key), b.get(key), f"{prefix}{key}.")
-        ]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
 def changed_keys(cell: Cell, folder: Path) -> list[str]:
     """The config keys (other than :data:`VOLATILE` ones) in which ``folder/config.yaml``
     differs from ``cell``'s config; ``["config.yaml"]`` when there is none."""
     path = folder / "config.yaml"
     if not path.is_file():
         return ["config.yaml"]
-    return [k for k in _differs(read_yaml(path), dump(cell.config)) if k not in VOLATILE]
+    return [k for k in diff_keys(read_yaml(path), dump(cell.config)) if k not in VOLATILE]
 
 
 def finished(folder: Path) -> dict[str, Any] | None:

@@ -41,7 +41,7 @@ from ..errors import BiogradError, ConfigError, DivergedError
 from ..rules import get_rule
 from . import csvlog
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, dump, read_yaml, save_config, validate
+from .config import Config, diff_keys, dump, read_yaml, save_config, validate
 
 METRICS_COLUMNS = (
     "rule",
@@ -578,7 +578,7 @@ def prepare(cfg: Config, run_dir: Path, *, resume: bool) -> None:
         old: dict[str, Any] = read_yaml(saved)
         with contextlib.suppress(ConfigError):  # this version's defaults filled in
             old = dump(validate(old))
-        changed = sorted(k for k in _diff(old, dump(cfg)) if not _result_free(k, cfg))
+        changed = sorted(k for k in diff_keys(old, dump(cfg)) if not _result_free(k, cfg))
         if changed:
             raise ConfigError(
                 f"{run_dir} holds a run with another config (it differs in {', '.join(changed)}); "
@@ -591,14 +591,6 @@ def prepare(cfg: Config, run_dir: Path, *, resume: bool) -> None:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, saved)
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> Iterable[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            yield from _diff(a.get(key), b.get(key), f"{prefix}{key}.")
-    elif a != b:
-        yield prefix.rstrip(".")
 
 
 def check_device(name: str) -> None:
