@@ -128,3 +128,45 @@ def test_result_plots_of_a_finished_grid(tmp_path: Path, monkeypatch, capsys) ->
     assert table[0].startswith("| rule | first layer |") and len(table) == 4  # fa, usf
     assert [row.split(" | ")[0] for row in table[2:]] == ["| fa", "| usf"]
     assert all(float(c) >= 0 for row in table[2:] for c in row.strip("| ").split(" | ")[1:])
+
+
+def test_grid_and_bottleneck_plots_of_a_finished_sweep(tmp_path: Path, monkeypatch, capsys) -> None:
+    """plot_results.py's `grid:` and `bottleneck:` jobs read a grid folder (a run directory or an
+    export): one bar per rule and setting; fc2's final angle and the test error by width, and
+    a table with one `error / angle` cell per width and rule."""
+    import yaml
+
+    from biograd.cli import main
+
+    spec = {
+        "title": "tiny bottleneck: digits",
+        "paper": "none",
+        "base": {
+            "data": {"name": "digits", "batch_size": 64, "subset": 256, "test_subset": 128},
+            "model": {"name": "mlp", "widths": [16, 16]},
+            "optim": {"lr": 0.05},
+            "bottleneck": {"layer": "fc2", "mode": "mask"},
+            "alignment": {"every": 2},
+            "epochs": 1,
+            "plots": False,
+        },
+        "rules": ["bp", "dfa"],
+        "settings": {"b2": {"bottleneck.keep": 2}, "b16": {"bottleneck.keep": 16}},
+        "seeds": [0],
+    }
+    (tmp_path / "tinyb.yaml").write_text(yaml.safe_dump(spec))
+    grid = tmp_path / "2026-01-01-tinyb-full"
+    assert main(["reproduce", str(tmp_path / "tinyb.yaml"), "--out", str(grid)]) == 0
+    plots = load("reproduction/plot_results")
+    monkeypatch.setattr(plots, "IMG", tmp_path)
+    capsys.readouterr()
+    plots.main([f"bottleneck:{grid}"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| feedback | rule | b=2 | b=16 |"
+    assert [row.split(" | ")[1] for row in table[2:]] == ["bp", "dfa"]
+    bp_angles = [float(c.split(" / ")[1]) for c in table[2].strip("| ").split(" | ")[2:]]
+    assert bp_angles == [0.0, 0.0]
+    assert (tmp_path / "results_tinyb.png").is_file()
+    (tmp_path / "results_tinyb.png").unlink()
+    plots.main([f"grid:{grid}"])
+    assert (tmp_path / "results_tinyb-full.png").is_file()

@@ -15,7 +15,7 @@ R, IMG = Path("runs/reproduce"), Path("docs/img")
 
 
 def rows_of(name):
-    out = R / name
+    out = name if isinstance(name, Path) else R / name
     grid = read_yaml(out / "grid.yaml")
     return grid_rows(out, Spec.model_validate(grid["spec"]), str(grid["scale"]))
 
@@ -139,55 +139,72 @@ def alignment(folder, setting="plain"):
         print(f"| {rule} | " + " | ".join("-" if c is None else f"{c:.0f}" for c in cells) + " |")
 
 
-def grid(name, title):
-    rows = rows_of(name)
+def _folder(name):
+    """A grid folder: a path (runs/reproduce/NAME-SCALE or an exported results folder), or a
+    folder name under runs/reproduce/."""
+    return Path(name) if Path(name).is_dir() else R / name
+
+
+def grid(name):
+    """Test error of every setting, one bar per rule (mean over seeds, std as the error bar)."""
+    folder = _folder(name)
+    rows = rows_of(folder)
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     ax = fig.subplots()
     rules = list(dict.fromkeys(r["rule"] for r in rows))
     for i, rule in enumerate(rules):
         mine = {r["setting"]: r for r in rows if r["rule"] == rule}
-        xs = [j + (i - (len(rules) - 1) / 2) * 0.35 for j in range(len(settings))]
+        shown = [j for j, s in enumerate(settings) if s in mine]
         ax.bar(
-            xs,
-            [mine[s]["ours"] for s in settings],
+            [j + (i - (len(rules) - 1) / 2) * 0.35 for j in shown],
+            [mine[settings[j]]["ours"] for j in shown],
             0.35,
-            yerr=[mine[s]["std"] for s in settings],
+            yerr=[mine[settings[j]]["std"] or 0 for j in shown],
             label=rule,
         )
-    ax.set_xticks(range(len(settings)), settings)
+    ax.set_xticks(range(len(settings)), settings, rotation=20)
     ax.set_ylabel("test error (%)")
-    ax.set_title(f"{title} ({rows[0]['epochs']} epoch(s), {rows[0]['seeds']} seeds; bars: std)")
+    title = read_yaml(folder / "grid.yaml")["spec"]["title"].split(" (")[0]
+    epochs = max(r["epochs"] for r in rows)
+    ax.set_title(f"{title} ({epochs} epochs, {len(rows)} cells; bars: std over seeds)")
     ax.legend()
-    fig.savefig(IMG / f"results_{name.removesuffix('-cpu')}.png", dpi=100)
+    fig.savefig(IMG / f"results_{_undated(folder).removesuffix('-cpu')}.png", dpi=100)
 
 
-def bottleneck(name):
-    """Both runs of a sweep in one plot: feedback normalised (cpu) and not (cpu_nonorm)."""
+def _bottleneck_rows(folder, mode):
     rows = []
-    for scale, mode in (("cpu", "normalised"), ("cpu_nonorm", "unnormalised")):
-        out = R / f"{name}-{scale}"
-        if not out.exists():
-            continue
-        for d in sorted(p for p in out.iterdir() if (p / "metrics.csv").exists()):
-            last, angle = {}, {}
-            for r in csv.DictReader((d / "metrics.csv").open()):
-                last[(r["rule"], r["seed"])] = float(r["test_acc"])
-            for r in csv.DictReader((d / "alignment.csv").open()):
+    for d in sorted(p for p in folder.iterdir() if p.is_dir() and p.name[1:].isdigit()):
+        for run in sorted(p for p in d.iterdir() if (p / "alignment.csv").exists()):
+            metrics = list(csv.DictReader((run / "metrics.csv").open()))
+            angle = {}
+            for r in csv.DictReader((run / "alignment.csv").open()):
                 if r["kind"] == "gradient" and r["layer"] == "fc2" and r["angle"]:
-                    angle[(r["rule"], r["seed"])] = float(r["angle"])  # rows in step order
-            for (rule, seed), acc in last.items():
-                width = int(d.name.removeprefix("b"))
-                rows.append(
-                    {
-                        "rule": rule,
-                        "mode": mode,
-                        "width": width,
-                        "seed": seed,
-                        "test_acc": acc,
-                        "angle": angle[(rule, seed)],
-                    }
-                )
+                    angle[r["rule"]] = float(r["angle"])  # rows in step order: the last stays
+            rule = metrics[-1]["rule"]
+            rows.append({
+                "rule": rule, "mode": mode, "width": int(d.name[1:]),
+                "epochs": int(metrics[-1]["epoch"]), "test_acc": float(metrics[-1]["test_acc"]),
+                "angle": angle.get(rule),
+            })  # fmt: skip
+    return rows
+
+
+def bottleneck(*names):
+    """Bottleneck sweeps in one plot (fc2's final gradient angle, and test error, against the
+    number of fc2 units that learn); a grid whose scale ends in ``nonorm`` is the unnormalised
+    feedback. A bare sweep name stands for its ``-cpu`` and ``-cpu_nonorm`` run folders."""
+    if len(names) == 1 and not Path(names[0]).is_dir():
+        names = tuple(
+            f"{names[0]}-{s}" for s in ("cpu", "cpu_nonorm") if (R / f"{names[0]}-{s}").exists()
+        )
+    rows = []
+    for name in names:
+        folder = _folder(name)
+        scale = str(read_yaml(folder / "grid.yaml")["scale"])
+        rows += _bottleneck_rows(
+            folder, "unnormalised" if scale.endswith("nonorm") else "normalised"
+        )
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     ax_angle, ax_err = fig.subplots(1, 2, sharex=True)
     styles = {
@@ -214,23 +231,24 @@ def bottleneck(name):
         ax.set_xlabel("units of fc2 that learn (b)")
         ax.grid(alpha=0.3)
     ax_err.legend(fontsize="small")
+    base = _undated(_folder(names[0])).rsplit("-", 1)[0]
+    epochs = sorted({r["epochs"] for r in rows})
     fig.suptitle(
-        f"Bottleneck sweep, launay_fc, {name.removeprefix('bottleneck_fc_')} (2 epochs, seed 0)"
+        f"Bottleneck sweep, launay_fc, {base.removeprefix('bottleneck_fc_')} "
+        f"({'/'.join(map(str, epochs))} epochs, seed 0)"
     )
-    fig.savefig(IMG / f"results_{name}.png", dpi=100)
+    fig.savefig(IMG / f"results_{base}.png", dpi=100)
     widths = sorted({r["width"] for r in rows})
     print("| feedback | rule | " + " | ".join(f"b={w}" for w in widths) + " |")
     print("|---|---|" + "---:|" * len(widths))
     for mode in dict.fromkeys(r["mode"] for r in rows):
         for rule in dict.fromkeys(r["rule"] for r in rows):
-            mine = sorted(
-                (r for r in rows if r["mode"] == mode and r["rule"] == rule),
-                key=lambda r: r["width"],
-            )
+            mine = {r["width"]: r for r in rows if r["mode"] == mode and r["rule"] == rule}
             if mine:
                 cells = " | ".join(
-                    f"{100 * (1 - r['test_acc']):.1f} / {r['angle']:.0f}" for r in mine
-                )
+                    f"{100 * (1 - mine[w]['test_acc']):.1f} / {mine[w]['angle']:.0f}"
+                    if w in mine else "-" for w in widths
+                )  # fmt: skip
                 print(f"| {mode} | {rule} | {cells} |")
 
 
@@ -242,12 +260,12 @@ def main(jobs):
             alignment(*job.removeprefix("alignment:").split(","))
         elif job.startswith("lenet_full:"):
             lenet_full(job.removeprefix("lenet_full:"))
+        elif job.startswith("grid:"):
+            grid(job.removeprefix("grid:"))  # e.g. grid:benchmarks/results/DATE-fc_grid_cifar10-cpu
+        elif job.startswith("bottleneck:"):
+            bottleneck(*job.removeprefix("bottleneck:").split(","))
         elif job.startswith("fc_grid"):
-            grid(
-                job,
-                "Launay et al. 2019 grid, launay_fc on "
-                + ("Fashion-MNIST" if "fashion" in job else "MNIST"),
-            )
+            grid(job)  # a folder under runs/reproduce/, e.g. fc_grid_mnist-cpu
         elif job.startswith("bottleneck"):
             bottleneck(job)  # e.g. bottleneck_fc_mnist
 
