@@ -28,6 +28,7 @@ from biograd.data import (
     Loader,
     load_dataset,
     read_idx,
+    resized,
     subset,
 )
 from biograd.data import datasets as ds_module
@@ -602,6 +603,26 @@ def test_subset() -> None:
     rows = {bytes(r.numpy().tobytes()) for r in ds.x}
     assert all(bytes(r.numpy().tobytes()) in rows for r in small.x)
     assert subset(ds, 10_000) is ds
+
+
+def test_resized_is_pils_bilinear_resize_to_one_level() -> None:
+    """data.resize (BioTorch's 28 -> 32 MNIST inputs): each image as PIL's bilinear resize of
+    its 8-bit pixels gives it, to within one 8-bit level (PIL computes in fixed point), growing
+    and shrinking; labels and statistics kept."""
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    ds = ImageDataset(
+        torch.tensor(pixels[:, None]).float() / 255, torch.arange(4), 10, "t", (0.5,), (0.2,)
+    )
+    for size in (32, 20):
+        pil = np.stack(
+            [np.asarray(Image.fromarray(p).resize((size, size), Image.BILINEAR)) for p in pixels]
+        )
+        out = resized(ds, size)
+        assert out.shape == (1, size, size) and out.mean == ds.mean and torch.equal(out.y, ds.y)
+        levels = (out.x[:, 0] * 255).round().to(torch.int64).numpy()
+        assert np.abs(levels - pil.astype(np.int64)).max() <= 1
+        assert torch.equal(out.x * 255, (out.x * 255).round())
+    assert resized(ds, 28) is ds
 
 
 def test_subset_of_image_folder(tmp_path: Path) -> None:

@@ -108,6 +108,21 @@ def test_channels_last_trains_as_the_default_layout_and_is_recorded_only_when_on
         assert state["conv1.weight"].is_contiguous(memory_format=fmt)
 
 
+def test_data_resize_feeds_the_model_resized_images(tmp_path):
+    """data.resize=16 on the 8x8 digits: both splits are 16x16 (so LeNet needs no padding), and
+    the run trains and records the key."""
+    from biograd.experiment.trainer import load_data
+
+    base = ["data.subset=64", "data.test_subset=32", "model.name=lenet", "model.pad_to=16",
+            "epochs=1"]  # fmt: skip
+    cfg = load_config(None, [*base, "data.resize=16"])
+    train, test = load_data(cfg)
+    assert train.shape == test.shape == (1, 16, 16)
+    (row,) = run(cfg, tmp_path / "run", progress=False, echo=None)
+    assert 0.0 <= row["test_acc"] <= 1.0
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["resize"] == 16
+
+
 def test_schedule_and_optimizer_wrappers(tmp_path):
     cfg = load_config(
         None,

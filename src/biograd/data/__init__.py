@@ -10,6 +10,7 @@ from biograd.data.datasets import (
     load_dataset,
     load_digits,
     read_idx,
+    resized,
     subset,
     validation_split,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "load_digits",
     "md5sum",
     "read_idx",
+    "resized",
     "subset",
     "validation_split",
 ]

@@ -187,6 +187,23 @@ def validation_split(ds: Dataset, n: int, seed: int = 0) -> tuple[Dataset, Datas
     )
 
 
+def resized(ds: ImageDataset, size: int) -> ImageDataset:
+    """Every image of ``ds`` resized to ``size`` x ``size`` once: bilinear with half-pixel
+    centres (``align_corners=False``, antialiased when shrinking), rounded to 8 bits: within one
+    8-bit level of PIL's bilinear resize, which torchvision's ``Resize((size, size))`` applies to
+    the PIL images of its MNIST (PIL computes in fixed point). The BioTorch benchmark feeds its
+    LeNet 28x28 MNIST resized this way to 32x32 (its ``target_size``); biograd's LeNet pads
+    instead unless the data are resized. ``mean``/``std`` stay those of the original split."""
+    if size < 1:
+        raise DataError(f"resize must be a positive size, got {size}")
+    if ds.shape[1:] == (size, size):
+        return ds
+    x = torch.nn.functional.interpolate(
+        ds.x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
+    return replace(ds, x=x.mul_(255).round_().clamp_(0, 255).div_(255))
+
+
 # --- image folders in memory (CIFAR-10 JPEG proxy, users' small images) -----------------------
 
 

@@ -82,6 +82,11 @@ class DataConfig(Section):
         description="hold out this many training examples (a fixed random draw) and evaluate on "
         "them instead of the test set; the test set is not read",
     )
+    resize: Count | None = Field(
+        default=None,
+        description="resize every image to this many pixels square once at load (bilinear, "
+        "rounded to 8 bits, as torchvision's Resize of a PIL image; biograd.data.resized)",
+    )
     in_memory: bool = Field(
         default=False,
         description="imagefolder: decode same-size images once into a cached tensor "
@@ -297,7 +302,7 @@ class BottleneckConfig(Section):
 # Keys a rule may not override: the grid's axes and what is loaded once for every rule.
 _SHARED_KEYS = ("data", "rules", "seeds", "rule_overrides", "data.name", "data.root",
                 "data.download", "data.subset", "data.test_subset", "data.validation",
-                "data.in_memory", "device", "out")  # fmt: skip
+                "data.resize", "data.in_memory", "device", "out")  # fmt: skip
 
 
 class Config(Section):

@@ -89,7 +89,7 @@ def load_data(cfg: Config) -> tuple[Any, Any]:
     seed and rule sees the same examples), normalised once here when no random crop follows.
     ``data.factory`` loads them from the user's code instead (``biograd.experiment.factory``).
     With ``data.validation`` the "test" split is that many held-out training examples."""
-    from ..data import load_dataset, subset, validation_split
+    from ..data import ImageDataset, load_dataset, resized, subset, validation_split
 
     d = cfg.data
     if d.factory is not None:
@@ -107,6 +107,13 @@ def load_data(cfg: Config) -> tuple[Any, Any]:
                 d.name, root=d.root, split="test", download=d.download, in_memory=d.in_memory
             )
         )
+    if d.resize is not None:
+        if not isinstance(train, ImageDataset) or not isinstance(test, (ImageDataset, type(None))):
+            raise ConfigError(
+                "data.resize needs an in-memory data set (not a streamed image folder)"
+            )
+        train = resized(train, d.resize)
+        test = None if test is None else resized(test, d.resize)
     if d.validation is not None:  # evaluate on held-out training examples, never the test set
         train, test = validation_split(train, d.validation)
     if d.subset is not None:
