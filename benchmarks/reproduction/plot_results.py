@@ -165,9 +165,11 @@ def grid(name):
         )
     ax.set_xticks(range(len(settings)), settings, rotation=20)
     ax.set_ylabel("test error (%)")
-    title = read_yaml(folder / "grid.yaml")["spec"]["title"].split(" (")[0]
+    title = read_yaml(folder / "grid.yaml")["spec"]["title"]
     epochs = max(r["epochs"] for r in rows)
-    ax.set_title(f"{title} ({epochs} epochs, {len(rows)} cells; bars: std over seeds)")
+    ax.set_title(
+        f"{title}\n{epochs} epochs, {len(rows)} cells; bars: std over seeds", fontsize="medium"
+    )
     ax.legend()
     fig.savefig(IMG / f"results_{_undated(folder).removesuffix('-cpu')}.png", dpi=100)
 
