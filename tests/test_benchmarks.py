@@ -4,12 +4,12 @@ numbers themselves are measured by hand and recorded in docs/performance.md)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from benchmark_scripts import BENCH, load
+from benchmark_scripts import load
 
 
 def test_step_time_quick(tmp_path: Path) -> None:
@@ -85,14 +85,25 @@ def test_fa_family_peak_is_backprops_plus_the_rules_state() -> None:
         assert peak - bp_peak <= state - bp_state + largest // 4, rule
 
 
-def test_result_plots_of_a_finished_grid(tmp_path: Path, monkeypatch, capsys) -> None:
-    """benchmarks/reproduction/plot_results.py draws docs/results.md's grid plots (published vs
-    ours with every seed and the test-error curves; per-layer alignment over training) and
-    prints the alignment table, from a grid folder as `biograd reproduce` leaves it."""
+def _finished_grid(tmp_path: Path, monkeypatch, name: str, spec: dict) -> tuple[Path, Any]:
+    """``spec`` run to the end by ``biograd reproduce`` into ``tmp_path/name``, and
+    plot_results.py loaded with its images going to ``tmp_path``."""
     import yaml
 
     from biograd.cli import main
 
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    grid = tmp_path / name
+    assert main(["reproduce", str(tmp_path / f"{name}.yaml"), "--out", str(grid)]) == 0
+    plots = load("reproduction/plot_results")
+    monkeypatch.setattr(plots, "IMG", tmp_path)
+    return grid, plots
+
+
+def test_result_plots_of_a_finished_grid(tmp_path: Path, monkeypatch, capsys) -> None:
+    """benchmarks/reproduction/plot_results.py draws docs/results.md's grid plots (published vs
+    ours with every seed and the test-error curves; per-layer alignment over training) and
+    prints the alignment table, from a grid folder as `biograd reproduce` leaves it."""
     spec = {
         "title": "tiny: digits",
         "paper": "none",
@@ -109,15 +120,7 @@ def test_result_plots_of_a_finished_grid(tmp_path: Path, monkeypatch, capsys) ->
         "rule_seeds": {"fa": [0, 1]},
         "published": {"default": {"bp": 5.0, "fa": 9.0}},
     }
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))
-    grid = tmp_path / "tiny-full"
-    assert main(["reproduce", str(tmp_path / "tiny.yaml"), "--out", str(grid)]) == 0
-    sys.path.insert(0, str(BENCH / "reproduction"))
-    try:
-        plots = load("reproduction/plot_results")
-    finally:
-        sys.path.remove(str(BENCH / "reproduction"))
-    monkeypatch.setattr(plots, "IMG", tmp_path)
+    grid, plots = _finished_grid(tmp_path, monkeypatch, "tiny-full", spec)
     capsys.readouterr()
     plots.main([f"lenet_full:{grid}", f"alignment:{grid},default"])
     assert {p.name for p in tmp_path.glob("*.png")} == {
@@ -134,10 +137,6 @@ def test_grid_and_bottleneck_plots_of_a_finished_sweep(tmp_path: Path, monkeypat
     """plot_results.py's `grid:` and `bottleneck:` jobs read a grid folder (a run directory or an
     export): one bar per rule and setting; fc2's final angle and the test error by width, and
     a table with one `error / angle` cell per width and rule."""
-    import yaml
-
-    from biograd.cli import main
-
     spec = {
         "title": "tiny bottleneck: digits",
         "paper": "none",
@@ -154,11 +153,7 @@ def test_grid_and_bottleneck_plots_of_a_finished_sweep(tmp_path: Path, monkeypat
         "settings": {"b2": {"bottleneck.keep": 2}, "b16": {"bottleneck.keep": 16}},
         "seeds": [0],
     }
-    (tmp_path / "tinyb.yaml").write_text(yaml.safe_dump(spec))
-    grid = tmp_path / "2026-01-01-tinyb-full"
-    assert main(["reproduce", str(tmp_path / "tinyb.yaml"), "--out", str(grid)]) == 0
-    plots = load("reproduction/plot_results")
-    monkeypatch.setattr(plots, "IMG", tmp_path)
+    grid, plots = _finished_grid(tmp_path, monkeypatch, "2026-01-01-tinyb-full", spec)
     capsys.readouterr()
     plots.main([f"bottleneck:{grid}"])
     table = capsys.readouterr().out.splitlines()

@@ -14,8 +14,14 @@ from biograd.experiment.runner import Spec, grid_rows
 R, IMG = Path("runs/reproduce"), Path("docs/img")
 
 
+def _folder(name):
+    """A grid folder: a path (runs/reproduce/NAME-SCALE or an exported results folder), or a
+    folder name under runs/reproduce/."""
+    return Path(name) if Path(name).is_dir() else R / name
+
+
 def rows_of(name):
-    out = name if isinstance(name, Path) else R / name
+    out = _folder(name)
     grid = read_yaml(out / "grid.yaml")
     return grid_rows(out, Spec.model_validate(grid["spec"]), str(grid["scale"]))
 
@@ -63,7 +69,7 @@ def lenet_full(folder):
     (mean, std, and every seed as a dot) and the test-error curve of every finished cell."""
     folder = Path(folder)
     grid = read_yaml(folder / "grid.yaml")
-    rows = grid_rows(folder, Spec.model_validate(grid["spec"]), str(grid["scale"]))
+    rows = rows_of(folder)
     fig = Figure(figsize=(11, 4), layout="constrained")
     ax_bar, ax_curve = fig.subplots(1, 2)
     xs = range(len(rows))
@@ -137,12 +143,6 @@ def alignment(folder, setting="plain"):
     for rule, first, means, last_layer, net, _ in table:
         cells = [first, *means, last_layer, net]
         print(f"| {rule} | " + " | ".join("-" if c is None else f"{c:.0f}" for c in cells) + " |")
-
-
-def _folder(name):
-    """A grid folder: a path (runs/reproduce/NAME-SCALE or an exported results folder), or a
-    folder name under runs/reproduce/."""
-    return Path(name) if Path(name).is_dir() else R / name
 
 
 def grid(name):
