@@ -167,6 +167,23 @@ def test_a_diverged_cell_is_finished_and_reported(spec_path: Path, tmp_path: Pat
     assert "diverged" in (out / "results.md").read_text()
 
 
+def test_a_cell_records_the_commit_it_started_on(
+    spec_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from biograd.experiment import grid
+
+    head = ["started-here"]
+    monkeypatch.setattr(grid, "commit", lambda: head[0])
+    cell = grid_cells(load_spec(spec_path), "one")[0]
+
+    def checkout_moves(row: dict[str, object]) -> None:
+        head[0] = "checkout-moved"
+
+    assert run_cell(cell, tmp_path / "out", echo=None, on_epoch=checkout_moves) == "done"
+    info = yaml.safe_load((cell.dir(tmp_path / "out") / "cell.yaml").read_text())
+    assert info["commit"] == "started-here"
+
+
 def test_sweep_names_the_best_setting_per_rule(tmp_path: Path) -> None:
     spec = dict(
         SPEC,

@@ -240,7 +240,7 @@ def run_cell(
         from .config import save_config
 
         save_config(cell.config, folder / "config.yaml")  # where/how it runs may have changed
-    started = _now()
+    started, code = _now(), commit()  # the code that runs, even if the checkout moves meanwhile
     record: dict[str, Any] = {"cell": cell.name, "index": cell.index}
     try:
         rows = run(
@@ -254,7 +254,7 @@ def run_cell(
     record.update(
         started=started,
         finished=_now(),
-        commit=commit(),
+        commit=code,
         device=cell.config.device,
         threads=torch.get_num_threads(),
         machine=machine(),
