@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 import biograd
 from biograd.direct import (
+    ERRORS,
     DirectFeedback,
     FeedbackError,
     feedback_memory,
@@ -54,13 +55,14 @@ def output_error(plain: nn.Module, x: Tensor, y: Tensor, loss: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------- the MLP, by hand
+@pytest.mark.parametrize("error", ["loss", "per_sample"])
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("rule", ["dfa", "sdfa", "drtp"])
-def test_mlp_gradients_follow_the_formula(rule: str, batch: int, loss: str) -> None:
+def test_mlp_gradients_follow_the_formula(rule: str, batch: int, loss: str, error: str) -> None:
     model = mlp()
     plain = copy.deepcopy(model)
-    biograd.convert(model, rule, seed=3)
+    biograd.convert(model, rule, seed=3, error=error)
     x, y = torch.randn(batch, 6), torch.randint(0, 4, (batch,))
     if rule == "drtp":
         biograd.set_targets(model, y)
@@ -72,6 +74,8 @@ def test_mlp_gradients_follow_the_formula(rule: str, batch: int, loss: str) -> N
         "sdfa": torch.sign(e) / batch,
         "drtp": -F.one_hot(y, 4).float() / batch,
     }[rule]
+    if error == "per_sample":  # each sample's error at full size (Launay et al. 2019's code)
+        signal = signal * batch
     w0, b0, w2, b2 = plain[0].weight, plain[0].bias, plain[2].weight, plain[2].bias
     with torch.no_grad():
         a0 = x @ w0.T + b0
@@ -370,6 +374,26 @@ def test_norm_sets_the_feedback_scale(norm: str) -> None:
     primed(biograd.convert(model, "dfa", norm=norm), torch.randn(2, 3))
     std = float(biograd.feedback_weight(model[0]).std())
     assert std == pytest.approx(norm_factor(norm, 400, 10), rel=0.05)
+
+
+def test_per_sample_error_scales_hidden_updates_by_the_rows_of_a_token_output() -> None:
+    """Per-token DFA on (N, T, d): ``per_sample`` multiplies every hidden layer's gradient by the
+    N x T rows of the mean-reduced loss's error; the output layer keeps the true gradient."""
+    x, y = torch.randn(3, 5, 6), torch.randint(0, 4, (3, 5))
+    base, grads = mlp(), {}
+    for error in ERRORS:
+        model = copy.deepcopy(base)
+        biograd.convert(model, "dfa", seed=1, error=error)
+        F.cross_entropy(model(x).reshape(-1, 4), y.reshape(-1)).backward()
+        grads[error] = [model[i].weight.grad for i in (0, 2, 4)]
+    for hidden in (0, 1):
+        torch.testing.assert_close(grads["per_sample"][hidden], 15 * grads["loss"][hidden])
+    torch.testing.assert_close(grads["per_sample"][2], grads["loss"][2])
+
+
+def test_unknown_error_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown feedback error 'sum'; choose one of loss"):
+        biograd.convert(mlp(), "dfa", error="sum")
 
 
 def test_default_norm_is_launay() -> None:

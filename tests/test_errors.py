@@ -134,6 +134,8 @@ case("layout-unknown", "unknown layout 'banana'", train("rules=[dfa]", "rule.lay
 case("layout-unused", "rule.layout is an option of the direct rules", train("rule.layout=shared"))
 case("norm-unused", "rule.norm is an option of the direct rules", train("rule.norm=fan_in"))
 case("output-unused", "rule.output is an option of the direct rules", train("rule.output=out"))
+case("error-unused", "rule.error is an option of the direct rules", train("rule.error=per_sample"))
+case("error-unknown", "unknown error 'sum'", train("rules=[dfa]", "rule.error=sum"))
 case("scale-unused", "rule.scale is not used by dfa", train("rules=[dfa]", "rule.scale=kaiming"))
 case("scale-unknown", "unknown scale 'huge'", train("rule.scale=huge"))
 case("output-not-a-layer", "rule: output layer 'fc9'", train("rules=[dfa]", "rule.output=fc9"))

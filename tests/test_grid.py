@@ -155,6 +155,26 @@ def test_export_then_finish_on_another_machine(
     assert "5 of 5 cells finished" in (second / "results.md").read_text()
 
 
+def test_a_key_added_since_an_export_takes_its_default_there(
+    spec_path: Path, tmp_path: Path
+) -> None:
+    cell = grid_cells(load_spec(spec_path), "one")[0]
+    assert run_cell(cell, tmp_path / "old", echo=None) == "done"
+    saved = cell.dir(tmp_path / "old") / "config.yaml"
+    written = yaml.safe_load(saved.read_text())
+    del written["rule"]["error"], written["diverge_factor"]  # as before those keys existed
+    written["rule_overrides"] = {"fa": {"optim.lr": 0.3}}  # another rule's: inert in this cell
+    saved.write_text(yaml.safe_dump(written))
+    assert status(cell, tmp_path / "new", [tmp_path / "old"]).state == "done"
+
+    written["optim"]["lr"] = 0.5  # a value that differs is a different cell
+    saved.write_text(yaml.safe_dump(written))
+    assert status(cell, tmp_path / "new", [tmp_path / "old"]).state == "todo"
+    written["optim"]["lr"], written["removed_key"] = 0.05, 1  # so is a key no longer known
+    saved.write_text(yaml.safe_dump(written))
+    assert status(cell, tmp_path / "new", [tmp_path / "old"]).state == "todo"
+
+
 def test_a_diverged_cell_is_finished_and_reported(spec_path: Path, tmp_path: Path) -> None:
     spec = dict(SPEC, settings={"hot": {"optim.lr": 1.0e6}}, rules=["bp"], rule_seeds={})
     spec["sweep"] = True

@@ -241,3 +241,14 @@ def test_kill_9_mid_epoch_then_resume_gives_identical_weights(tmp_path):
     assert strip(out / "metrics.csv") == strip(reference / "metrics.csv")
     columns = ("rule", "seed", "epoch", "step", "layer", "kind", "angle")
     assert strip(out / "alignment.csv") == strip(reference / "alignment.csv")
+
+
+@pytest.mark.parametrize("error", ["loss", "per_sample"])
+def test_rule_error_reaches_the_direct_engine(error: str) -> None:
+    from biograd.direct import DirectFeedback
+    from biograd.experiment.trainer import build
+
+    cfg = load_config(None, ["rules=[dfa]", f"rule.error={error}", "model.widths=[8]"])
+    model = build(cfg.for_rule("dfa"), "dfa", 0, (1, 8, 8), 10)
+    (engine,) = [m for m in model.modules() if isinstance(m, DirectFeedback)]
+    assert engine.error == error

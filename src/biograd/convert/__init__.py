@@ -91,6 +91,7 @@ def convert(
     output: str | None = None,
     layout: str = "dense",
     norm: str = "launay",
+    error: str = "loss",
     batch_dims: int | None = None,
     feedback_points: Sequence[str] | None = None,
     example_input: Any = None,
@@ -113,7 +114,8 @@ def convert(
 
     Direct rules only (``docs/direct.md``): ``output`` gets the true error (default: the last
     converted layer to run on ``example_input``, else in module order); ``layout``, ``norm``,
-    ``hashed_rows``: ``biograd.direct.LAYOUTS`` and ``NORMS``; ``batch_dims``: None (default)
+    ``hashed_rows``: ``biograd.direct.LAYOUTS`` and ``NORMS``; ``error``: ``"loss"`` projects the
+    loss's output error, ``"per_sample"`` each sample's (``biograd.direct.ERRORS``); ``batch_dims``: None (default)
     reads rows by position: a linear-like layer's input ``(N, *P, d)`` has one ``B_k`` of shape
     ``(d, C)`` for all its positions (a convolution's input: ``prod(shape[1:])`` features), and
     position ``t`` gets ``B_k s_t`` where the point's positions are the output's (per-token DFA,
@@ -143,7 +145,7 @@ def convert(
         attach(
             model, direct, plan[next(iter(direct))], seed=seed, output=output, layout=layout,
             norm=norm, batch_dims=batch_dims, feedback_points=feedback_points,
-            example_input=example_input, hashed_rows=hashed_rows,
+            example_input=example_input, hashed_rows=hashed_rows, error=error,
         )  # fmt: skip
     _announce(conversion_report(model), verbose)
     return model

@@ -28,9 +28,9 @@ from ..rules.direct import DirectRule, FeedbackError
 from .engine import DirectFeedback
 from .layouts import LAYOUTS, Dense, Hashed, Shared, point_salt
 from .memory import feedback_memory, feedback_sizes
-from .norms import NORMS, norm_factor
+from .norms import ERRORS, NORMS, norm_factor
 
 __all__ = [
-    "LAYOUTS", "NORMS", "Dense", "DirectFeedback", "DirectRule", "FeedbackError", "Hashed",
+    "ERRORS", "LAYOUTS", "NORMS", "Dense", "DirectFeedback", "DirectRule", "FeedbackError", "Hashed",
     "Shared", "feedback_memory", "feedback_sizes", "norm_factor", "point_salt",
 ]  # fmt: skip

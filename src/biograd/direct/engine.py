@@ -21,7 +21,7 @@ from ..rules.base import get_rule, in_backward
 from ..rules.direct import NO_TARGETS, DirectRule, FeedbackError
 from ..tracing import refuse_tracing
 from .nodes import Inject, Pass, Receive, tap
-from .norms import norm_factor
+from .norms import check_error, norm_factor
 from .positions import Signal, Site, check_rows, features, lead_dims
 
 
@@ -49,16 +49,18 @@ class DirectFeedback(nn.Module):
             is shared by its positions, and it receives per-position or pooled signals. An int:
             that many leading dimensions of every point and of the output index samples.
         explicit: points are outputs of named modules (``feedback_points``), not layer inputs.
+        error: one of :data:`ERRORS`: the loss's output error (default) or each sample's.
     """
 
     layout: ClassVar[str] = ""
 
     def __init__(
         self, rule: str, *, seed: int = 0, norm: str = "launay", batch_dims: int | None = None,
-        explicit: bool = False,
+        explicit: bool = False, error: str = "loss",
     ) -> None:  # fmt: skip
         super().__init__()
         norm_factor(norm, 1, 1)
+        self.error = check_error(error)
         if batch_dims is not None and batch_dims < 1:
             raise ValueError(f"batch_dims must be at least 1, got {batch_dims}")
         rule_cls = get_rule(rule)
@@ -84,7 +86,7 @@ class DirectFeedback(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"rule={self.rule.name}, layout={self.layout}, norm={self.norm}, "
+            f"rule={self.rule.name}, layout={self.layout}, norm={self.norm}, error={self.error}, "
             f"points={len(self.sizes)}, batch_dims={self.batch_dims}"
         )
 
@@ -268,6 +270,8 @@ class DirectFeedback(nn.Module):
             return None
         if self.rule.scale_free and self.loss_scale != 1.0:
             s = s * self.loss_scale
+        if self.error == "per_sample":
+            s = s * math.prod(rows)
         return Signal(s.to(self._matrices()[0].dtype), rows, pool=self.batch_dims is None)
 
     # Hooks are bound methods (not closures) so that ``copy.deepcopy`` and pickle of a model

@@ -18,6 +18,25 @@ NORMS = ("launay", "fan_in", "fan_out", "none")
 """
 
 
+ERRORS = ("loss", "per_sample")
+"""What the feedback projects of the output error ``e = dL/dy`` (rows x C):
+
+- ``loss`` (default): ``e`` itself, reduced as the loss is (a mean over N rows divides each
+  row by N), so the hidden layers learn at the scale of the output layer's own gradient.
+- ``per_sample``: ``e`` times its number of rows, each sample's error at full size (for
+  softmax cross-entropy, ``softmax(y) - onehot``) while the output layer learns from the
+  reduced loss. Launay, Poli, Krzakala 2019's code (``dfatools``) does this: with a mean
+  over a batch of N, their hidden layers take N times the step of ``loss``.
+"""
+
+
+def check_error(error: str) -> str:
+    """``error`` if it is one of :data:`ERRORS`, else ValueError."""
+    if error not in ERRORS:
+        raise ValueError(f"unknown feedback error {error!r}; choose one of {', '.join(ERRORS)}")
+    return error
+
+
 def norm_factor(norm: str, d: int, classes: int) -> float:
     """The factor of :data:`NORMS` scheme ``norm`` for a point of ``d`` features and ``C`` outputs."""
     factors = {"launay": d * classes, "fan_in": classes, "fan_out": d, "none": 1}

@@ -82,6 +82,7 @@ def attach(
     model: nn.Module, layers: Mapping[str, nn.Module], rule: str, *, seed: int,
     output: str | None, layout: str, norm: str, batch_dims: int | None,
     feedback_points: Sequence[str] | None, example_input: Any, hashed_rows: int,
+    error: str = "loss",
 ) -> DirectFeedback:  # fmt: skip
     """Attach a direct-feedback engine for ``rule`` to the output layer of ``model``, whose
     converted ``layers`` (by name) are on that rule, and hook it in. The output layer is
@@ -114,7 +115,13 @@ def attach(
             )
     kwargs: dict[str, Any] = {"hashed_rows": hashed_rows} if layout == "hashed" else {}
     engine = LAYOUTS[layout](
-        rule, seed=seed, norm=norm, batch_dims=batch_dims, explicit=bool(explicit), **kwargs
+        rule,
+        seed=seed,
+        norm=norm,
+        batch_dims=batch_dims,
+        explicit=bool(explicit),
+        error=error,
+        **kwargs,
     )
     layers[out_name].add_module("direct_feedback", engine)
     model.register_forward_pre_hook(engine.clear_hook)

@@ -191,6 +191,9 @@ class RuleConfig(Section):
     output: str | None = None
     layout: str = "dense"
     norm: str = "launay"
+    error: str = Field(
+        default="loss", description="direct rules: the loss's output error or each sample's"
+    )
     options: dict[str, float | int | str] = Field(
         default={}, description="the rules' own options, e.g. {lr: 0.05} for wm (docs/rules.md)"
     )
@@ -228,15 +231,22 @@ class RuleConfig(Section):
 
         return _one_of("norm", norm, NORMS)
 
+    @field_validator("error")
+    @classmethod
+    def _error(cls, error: str) -> str:
+        from ..direct import ERRORS
+
+        return _one_of("error", error, ERRORS)
+
     def check_used(self, rules: Sequence[str]) -> None:
         """ValueError for an option set away from its default that none of ``rules`` (nor the
-        per-layer ``overrides``) uses: ``output``, ``layout`` and ``norm`` belong to the direct
+        per-layer ``overrides``) uses: ``output``, ``layout``, ``norm``, ``error`` belong to the direct
         rules, ``scale`` to the others."""
         from ..rules import get_rule
 
         used = {*rules, *self.overrides.values()}
         direct = {r for r in used if get_rule(r).direct}
-        for key in ("output", "layout", "norm"):
+        for key in ("output", "layout", "norm", "error"):
             if not direct and getattr(self, key) != RuleConfig.model_fields[key].default:
                 raise ValueError(
                     f"rule.{key} is an option of the direct rules (dfa, ...); "

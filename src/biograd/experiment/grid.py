@@ -20,6 +20,7 @@ combines both.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import os
@@ -52,6 +53,7 @@ VOLATILE = (
     "out",
     "plots",
     "tensorboard",
+    "rule_overrides",  # a cell trains one rule, its own overrides applied: the rest are inert
 )
 #: The files of a finished cell that are small enough to commit.
 SMALL_FILES = ("config.yaml", "metrics.csv", "alignment.csv", "cell.yaml")
@@ -112,11 +114,17 @@ def seeds_of(spec: Spec, scale: str, rule: str, seeds: list[int]) -> list[int]:
 
 def changed_keys(cell: Cell, folder: Path) -> list[str]:
     """The config keys (other than :data:`VOLATILE` ones) in which ``folder/config.yaml``
-    differs from ``cell``'s config; ``["config.yaml"]`` when there is none."""
+    differs from ``cell``'s config; ``["config.yaml"]`` when there is none. A key added to the
+    config since the file was written takes its default there (a new key's default keeps the
+    old behaviour), so adding one does not unfinish every committed cell."""
     path = folder / "config.yaml"
     if not path.is_file():
         return ["config.yaml"]
-    return [k for k in diff_keys(read_yaml(path), dump(cell.config)) if k not in VOLATILE]
+    saved = read_yaml(path)
+    with contextlib.suppress(ConfigError):  # a key since removed: compare as written, naming it
+        saved = dump(validate(saved))
+    diff = diff_keys(saved, dump(cell.config))
+    return [k for k in diff if k not in VOLATILE and k.split(".")[0] not in VOLATILE]
 
 
 def finished(folder: Path) -> dict[str, Any] | None:

@@ -216,6 +216,7 @@ def build(cfg: Config, rule: str, seed: int, in_shape: tuple[int, ...], classes:
             output=r.output,
             layout=r.layout,
             norm=r.norm,
+            error=r.error,
             example_input=example,
             options=r.options,
         )
