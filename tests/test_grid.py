@@ -154,6 +154,14 @@ def test_export_then_finish_on_another_machine(
     assert (second / "narrow" / "fa-seed0" / "cell.yaml").exists()
     assert "5 of 5 cells finished" in (second / "results.md").read_text()
 
+    # the second machine's export holds the cells it took from the first: alone, it is the grid
+    both = tmp_path / "both"
+    again = [*base, "--out", str(second), "--results-from", str(exported)]
+    assert main([*again, "--export", str(both)]) == 0
+    assert (both / "narrow" / "bp-seed0" / "metrics.csv").is_file()
+    assert "5 of 5 cells finished" in (both / "results.md").read_text()
+    assert "| 5 |" in (both / "README.md").read_text()  # one commit and machine here
+
 
 def test_a_key_added_since_an_export_takes_its_default_there(
     spec_path: Path, tmp_path: Path

@@ -208,7 +208,9 @@ def _reproduce(args: argparse.Namespace) -> int:
         print(list_cells(load_spec(spec), args.scale, out, results_from))
         return 0
     if args.export is not None:
-        dest = export(spec, args.scale, out, Path(args.export) if args.export else None)
+        dest = export(
+            spec, args.scale, out, Path(args.export) if args.export else None, results_from
+        )
         print(f"wrote {dest}")
         return 0
     if args.threads is not None:

@@ -649,9 +649,11 @@ def export(
     dest: Path | None = None,
     results_from: Sequence[Path] = (),
 ) -> Path:
-    """Copy the small files (:data:`SMALL_FILES`) of every finished cell of ``out`` to ``dest``
-    (default ``benchmarks/results/<date>-<spec>-<scale>/``, merged into what is there), with
-    ``grid.yaml``, ``results.md`` and a ``README.md`` naming the date, commits and machines."""
+    """Copy the small files (:data:`SMALL_FILES`) of every finished cell of ``out`` or of the
+    ``results_from`` folders (where it still counts) to ``dest`` (default
+    ``benchmarks/results/<date>-<spec>-<scale>/``, merged into what is there), with ``grid.yaml``,
+    ``results.md`` and a ``README.md`` naming the date, commits and machines: ``dest`` alone
+    finishes the grid elsewhere."""
     spec = load_spec(spec_path)
     dest = (
         dest
@@ -661,10 +663,10 @@ def export(
     )
     copied = 0
     for c in grid_cells(spec, scale):
-        st = status(c, out, ())
-        if not st.is_finished:
-            continue
+        st = status(c, out, results_from)
         target = c.dir(dest)
+        if not st.is_finished or st.folder.resolve() == target.resolve():
+            continue
         target.mkdir(parents=True, exist_ok=True)
         for name in SMALL_FILES:
             if (st.folder / name).is_file():
@@ -673,7 +675,7 @@ def export(
     dest.mkdir(parents=True, exist_ok=True)
     grid = yaml.safe_dump({"scale": scale, "spec": spec.model_dump(mode="json")}, sort_keys=False)
     (dest / "grid.yaml").write_text(grid)
-    write_results(dest, spec, scale, [*results_from])
+    write_results(dest, spec, scale)
     origins: dict[tuple[str, str, str], int] = {}
     for c in grid_cells(spec, scale):
         info = finished(c.dir(dest))
