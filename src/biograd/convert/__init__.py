@@ -115,9 +115,9 @@ def convert(
     Direct rules only (``docs/direct.md``): ``output`` gets the true error (default: the last
     converted layer to run on ``example_input``, else in module order); ``layout``, ``norm``,
     ``hashed_rows``: ``biograd.direct.LAYOUTS`` and ``NORMS``; ``error``: ``"loss"`` projects the
-    loss's output error, ``"per_sample"`` each sample's (``biograd.direct.ERRORS``); ``batch_dims``: None (default)
-    reads rows by position: a linear-like layer's input ``(N, *P, d)`` has one ``B_k`` of shape
-    ``(d, C)`` for all its positions (a convolution's input: ``prod(shape[1:])`` features), and
+    loss's output error, ``"per_sample"`` each sample's (``biograd.direct.ERRORS``);
+    ``batch_dims``: None (default) reads rows by position: a linear-like layer's input
+    ``(N, *P, d)`` has one ``B_k`` of shape ``(d, C)`` for all its positions (a convolution's input: ``prod(shape[1:])`` features), and
     position ``t`` gets ``B_k s_t`` where the point's positions are the output's (per-token DFA,
     Launay et al. 2020), else every position of sample ``n`` gets ``B_k sum_t s_{n,t}``
     (Nøkland 2016's ``B e`` for the sample's error pooled over the output's positions); an int:

@@ -31,6 +31,6 @@ from .memory import feedback_memory, feedback_sizes
 from .norms import ERRORS, NORMS, norm_factor
 
 __all__ = [
-    "ERRORS", "LAYOUTS", "NORMS", "Dense", "DirectFeedback", "DirectRule", "FeedbackError", "Hashed",
-    "Shared", "feedback_memory", "feedback_sizes", "norm_factor", "point_salt",
+    "ERRORS", "LAYOUTS", "NORMS", "Dense", "DirectFeedback", "DirectRule", "FeedbackError",
+    "Hashed", "Shared", "feedback_memory", "feedback_sizes", "norm_factor", "point_salt",
 ]  # fmt: skip

@@ -240,8 +240,8 @@ class RuleConfig(Section):
 
     def check_used(self, rules: Sequence[str]) -> None:
         """ValueError for an option set away from its default that none of ``rules`` (nor the
-        per-layer ``overrides``) uses: ``output``, ``layout``, ``norm``, ``error`` belong to the direct
-        rules, ``scale`` to the others."""
+        per-layer ``overrides``) uses: ``output``, ``layout``, ``norm`` and ``error`` belong to the
+        direct rules, ``scale`` to the others."""
         from ..rules import get_rule
 
         used = {*rules, *self.overrides.values()}
