@@ -115,20 +115,20 @@ def convert(
     Direct rules only (``docs/direct.md``): ``output`` gets the true error (default: the last
     converted layer to run on ``example_input``, else in module order); ``layout``, ``norm``,
     ``hashed_rows``: ``biograd.direct.LAYOUTS`` and ``NORMS``; ``error``: ``"loss"`` projects the
-    loss's output error, ``"per_sample"`` each sample's (``biograd.direct.ERRORS``);
-    ``batch_dims``: None (default) reads rows by position: a linear-like layer's input
-    ``(N, *P, d)`` has one ``B_k`` of shape ``(d, C)`` for all its positions (a convolution's input: ``prod(shape[1:])`` features), and
-    position ``t`` gets ``B_k s_t`` where the point's positions are the output's (per-token DFA,
-    Launay et al. 2020), else every position of sample ``n`` gets ``B_k sum_t s_{n,t}``
-    (Nøkland 2016's ``B e`` for the sample's error pooled over the output's positions); an int:
-    that many leading dimensions of every point and of the output index samples, a point's
-    equal to the output's (``biograd.direct.positions``); ``feedback_points``: names or globs of modules
-    whose *outputs* receive the projected error (block-wise DFA); ``example_input``: a batch (or
-    tuple of inputs) run once without backward, to find the layers' order and draw the feedback
+    loss's output error, ``"per_sample"`` each sample's (``biograd.direct.ERRORS``); ``batch_dims``:
+    None (default) reads rows by position: a linear-like layer's input ``(N, *P, d)`` has one
+    ``B_k`` of shape ``(d, C)`` for all its positions (a convolution's input: ``prod(shape[1:])``
+    features), and position ``t`` gets ``B_k s_t`` where the point's positions are the output's
+    (per-token DFA, Launay et al. 2020), else every position of sample ``n`` gets ``B_k sum_t
+    s_{n,t}`` (Nøkland 2016's ``B e`` for the sample's error pooled over the output's positions); an
+    int: that many leading dimensions of every point and of the output index samples, a point's
+    equal to the output's (``biograd.direct.positions``); ``feedback_points``: names or globs of
+    modules whose *outputs* receive the projected error (block-wise DFA); ``example_input``: a batch
+    (or tuple of inputs) run once without backward, to find the layers' order and draw the feedback
     now (needed before ``DistributedDataParallel``).
 
     Raises:
-        ValueError: an unknown rule, scale, layout, norm, output layer or rule option; nothing
+        ValueError: an unknown rule, scale, layout, norm, error, output layer or rule option; nothing
             to convert; two direct rules in one model.
     """
     overrides, exclude = _check_arguments(rule, seed, overrides, exclude)
