@@ -128,8 +128,8 @@ def convert(
     now (needed before ``DistributedDataParallel``).
 
     Raises:
-        ValueError: an unknown rule, scale, layout, norm, error, output layer or rule option; nothing
-            to convert; two direct rules in one model.
+        ValueError: an unknown rule, scale, layout, norm, error, output layer or rule option;
+            nothing to convert; two direct rules in one model.
     """
     overrides, exclude = _check_arguments(rule, seed, overrides, exclude)
     plan = _plan(model, rule, overrides, exclude, scale, output)
