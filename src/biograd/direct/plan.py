@@ -81,8 +81,7 @@ def run_order(model: nn.Module, layers: Mapping[str, nn.Module], example_input: 
 def attach(
     model: nn.Module, layers: Mapping[str, nn.Module], rule: str, *, seed: int,
     output: str | None, layout: str, norm: str, batch_dims: int | None,
-    feedback_points: Sequence[str] | None, example_input: Any, hashed_rows: int,
-    error: str = "loss",
+    feedback_points: Sequence[str] | None, example_input: Any, hashed_rows: int, error: str,
 ) -> DirectFeedback:  # fmt: skip
     """Attach a direct-feedback engine for ``rule`` to the output layer of ``model``, whose
     converted ``layers`` (by name) are on that rule, and hook it in. The output layer is

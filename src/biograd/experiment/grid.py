@@ -661,7 +661,6 @@ def export(
         / "results"
         / f"{dt.date.today().isoformat()}-{spec_path.stem}-{scale}"
     )
-    copied = 0
     for c in grid_cells(spec, scale):
         st = status(c, out, results_from)
         target = c.dir(dest)
@@ -671,7 +670,6 @@ def export(
         for name in SMALL_FILES:
             if (st.folder / name).is_file():
                 shutil.copy2(st.folder / name, target / name)
-        copied += 1
     dest.mkdir(parents=True, exist_ok=True)
     grid = yaml.safe_dump({"scale": scale, "spec": spec.model_dump(mode="json")}, sort_keys=False)
     (dest / "grid.yaml").write_text(grid)
