@@ -52,6 +52,13 @@ def convnet() -> nn.Sequential:
     )
 
 
+def tanh_mlp(hidden: int = 40) -> nn.Sequential:
+    """Every gradient entry is non-zero (no ReLU zeros to confuse a filter test)."""
+    return nn.Sequential(
+        nn.Linear(12, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 4)
+    )  # fmt: skip
+
+
 def batch(n: int = 8, d: int = 12, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, d), torch.randint(0, classes, (n,))
 
@@ -367,6 +374,53 @@ def test_mask_bottleneck_lets_only_kept_units_learn(rule: str) -> None:
     assert math.isfinite(grad["3"]["angle"])
     if rule == "bp":
         assert grad["3"]["angle"] == pytest.approx(0.0, abs=TOL)
+
+
+@pytest.mark.parametrize("rule", ("bp", "fa", "dfa"))
+def test_filter_bottleneck_lets_a_fixed_random_share_of_weights_learn(rule: str) -> None:
+    """Launay et al.'s code: a fixed 0/1 filter, keep/width of the entries, on the layer's weight
+    and bias gradients; the same entries every step, drawn from the seed; the input's gradient
+    is not filtered."""
+    torch.manual_seed(0)
+    model = apply_bottleneck(tanh_mlp(), "2", 10, "filter", seed=3)
+    plain = tanh_mlp()
+    plain.load_state_dict(model.state_dict())  # the filter adds no state
+    biograd.convert(model, rule)
+    biograd.convert(plain, rule)
+    x, y = batch(16)
+    for m in (model, plain):
+        F.cross_entropy(m(x), y).backward()
+    learns = model[2].weight.grad != 0
+    assert 0.15 < learns.float().mean().item() < 0.35  # 400 of 1600 entries expected
+    assert torch.equal(model[2].weight.grad, plain[2].weight.grad * learns)
+    assert torch.equal(model[0].weight.grad, plain[0].weight.grad)  # the layer below: unfiltered
+    bias = model[2].bias.grad != 0
+    assert 0 < bias.sum() < 25 and torch.equal(model[2].bias.grad, plain[2].bias.grad * bias)
+    model.zero_grad()
+    F.cross_entropy(model(x[:8]), y[:8]).backward()
+    assert torch.equal(model[2].weight.grad != 0, learns)  # the same entries on another batch
+    if rule == "bp":
+        grad = gradient_alignment(model, F.cross_entropy, x, y)
+        assert grad["2"]["angle"] == pytest.approx(0.0, abs=TOL)
+    again = apply_bottleneck(tanh_mlp(), "2", 10, "filter", seed=3)
+    other = apply_bottleneck(tanh_mlp(), "2", 10, "filter", seed=4)
+    for m in (again, other):
+        F.cross_entropy(m(x), y).backward()
+    assert torch.equal(again[2].weight.grad != 0, learns)
+    assert not torch.equal(other[2].weight.grad != 0, learns)
+
+
+def test_filter_bottleneck_is_replaced_and_removed() -> None:
+    x, y = batch(16)
+    model = apply_bottleneck(tanh_mlp(), "2", 1, "filter")
+    apply_bottleneck(model, "2", 40, "filter")  # replaces it: every entry learns
+    F.cross_entropy(model(x), y).backward()
+    assert bool((model[2].weight.grad != 0).all())
+    apply_bottleneck(model, "2", 4, "filter")
+    remove_bottleneck(model, "2")
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    assert bool((model[2].weight.grad != 0).all())
 
 
 def test_mask_bottleneck_on_a_convolution_and_replacing_it() -> None:

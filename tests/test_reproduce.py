@@ -117,18 +117,26 @@ def test_bad_rule_overrides_are_config_errors(overrides: dict) -> None:
         validate({"rule_overrides": overrides})
 
 
-def test_mask_bottleneck_trains_only_the_kept_units(mnist_dir: Path, tmp_path: Path) -> None:
+def test_filter_bottleneck_trains_only_its_share_of_weights(
+    mnist_dir: Path, tmp_path: Path
+) -> None:
+    """Their bottleneck (mode filter): at b = 1, 1/800 of fc2's weights learn, the same ones
+    under bp and dfa (drawn from the run's seed)."""
     out = tmp_path / "bottleneck"
     args = ["--scale", "smoke", "--data-dir", str(mnist_dir), "--out", str(out)]
     assert main(["reproduce", "launay2019/bottleneck_fc_mnist", *args]) == 0
     spec = load_spec(CONFIGS / "launay2019" / "bottleneck_fc_mnist.yaml")
     cfg = cell_configs(spec, "smoke", str(mnist_dir))["b1"]
+    moved = {}
     for rule in ("bp", "dfa"):
         seed_everything(0)
         start = build(cfg, rule, 0, (1, 28, 28), 10).state_dict()["fc2.weight"]
         end = final_state(out / "b1" / f"{rule}-seed0", rule, 0)["fc2.weight"]
-        assert torch.equal(end[1:], start[1:])  # plain SGD: masked units never move
-        assert not torch.equal(end[0], start[0])
+        moved[rule] = end != start  # plain SGD: filtered weights never move
+        assert 400 < int(moved[rule].sum()) < 1200  # 800 of 640,000 expected
+    # the same entries (up to a few whose small bp step rounds away in float32)
+    both = int((moved["bp"] | moved["dfa"]).sum())
+    assert both <= max(int(m.sum()) for m in moved.values()) + 5
     alignment = read_rows(out / "b1" / "dfa-seed0" / "alignment.csv")
     assert any(r["layer"] == "fc2" and r["kind"] == "gradient" for r in alignment)
 

@@ -1,12 +1,18 @@
 """The bottleneck study of Launay, Poli, Krzakala 2019 (Sec. 4): a narrow layer keeps direct
 feedback alignment from aligning, and the accuracy drops with it.
 
-Two ways to make one layer of a network narrow:
+Three ways to make one layer of a network narrow:
 
-- ``mask`` (their method): the layer keeps its width in the forward pass, but only its first
-  ``keep`` units learn: the delta at the layer's output is multiplied by a 0/1 mask, so the other
-  units' weights receive no gradient (and, under backprop, no error flows below through them).
-  The network's capacity is unchanged; only the number of units that must align shrinks.
+- ``filter`` (their method, ``bottleneck.py`` and ``dfatools/models.py`` of their code): the
+  layer keeps its width, but only a fixed random ``keep / width`` of its weights and biases learn.
+  Each element's gradient is multiplied by a 0/1 mask drawn once from the seed (their
+  ``weight_filters``). Their backward hook also masked the gradient of the layer's *input*, at
+  fixed (batch position, unit) entries, which changes backprop below the layer; we mask the
+  parameters' gradients only.
+- ``mask``: only the layer's first ``keep`` units learn: the delta at the layer's output is
+  multiplied by a 0/1 mask, so the other units' weights receive no gradient (and, under backprop,
+  no error flows below through them). The network's capacity is unchanged; only the number of
+  units that must align shrinks.
 - ``narrow``: the layer really has ``keep`` units (the next layer's inputs shrink with it).
 
 :func:`apply_bottleneck` does either to a model, :func:`bottleneck_sweep` trains one model per
@@ -30,7 +36,7 @@ from .convert import convert, needs_targets, set_targets
 from .direct import DirectFeedback
 from .nn.layers import FeedbackLayer
 
-MODES = ("mask", "narrow")
+MODES = ("filter", "mask", "narrow")
 
 
 def _feature_dim(layer: nn.Module) -> int:
@@ -62,8 +68,29 @@ def _mask_hook(keep: int, dim: int) -> Callable[[nn.Module, Any, Any], None]:
     return hook
 
 
+class _Handles:
+    """The hooks of one bottleneck, removed together."""
+
+    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _filter_hooks(module: nn.Module, keep: int, width: int, seed: int) -> _Handles:
+    gen = torch.Generator().manual_seed(seed)
+    handles = []
+    for p in (module.weight, getattr(module, "bias", None)):
+        if isinstance(p, Tensor):
+            mask = (torch.rand(p.shape, generator=gen) < keep / width).to(p.device, p.dtype)
+            handles.append(p.register_hook(lambda g, m=mask: g * m))
+    return _Handles(handles)
+
+
 def remove_bottleneck(model: nn.Module, layer: str) -> None:
-    """Remove a ``mask`` bottleneck from ``layer`` (nothing happens if it has none)."""
+    """Remove a ``filter`` or ``mask`` bottleneck from ``layer`` (nothing happens if it has none)."""
     module = model.get_submodule(layer)
     handle = module.__dict__.pop("_biograd_bottleneck", None)
     if handle is not None:
@@ -71,7 +98,13 @@ def remove_bottleneck(model: nn.Module, layer: str) -> None:
 
 
 def apply_bottleneck(
-    model: nn.Module, layer: str, keep: int, mode: str = "mask", *, next_layer: str | None = None
+    model: nn.Module,
+    layer: str,
+    keep: int,
+    mode: str = "filter",
+    *,
+    next_layer: str | None = None,
+    seed: int = 0,
 ) -> nn.Module:
     """Make ``layer`` of ``model`` a bottleneck of ``keep`` units, in place; returns ``model``.
 
@@ -79,14 +112,18 @@ def apply_bottleneck(
         model: the network; for ``narrow``, an unconverted model of ``nn.Linear`` layers
             (convert it afterwards).
         layer: module name of the layer to narrow.
-        keep: number of output units (channels for a convolution) that learn (``mask``) or exist
-            (``narrow``).
-        mode: ``mask`` (Launay et al. 2019: only ``keep`` units receive gradient; works on
-            converted models and convolutions; applying it again replaces the previous mask) or
-            ``narrow`` (the layer is rebuilt with ``keep`` outputs and default initialisation).
+        keep: ``filter``: the layer learns ``keep / width`` of its weights, as many as ``keep``
+            units have; ``mask``: the number of output units (channels for a convolution) that
+            learn; ``narrow``: the number that exist.
+        mode: ``filter`` (Launay et al. 2019's code: a fixed random ``keep / width`` of the
+            weights and biases receive gradient, drawn from ``seed``) or ``mask`` (only the first
+            ``keep`` units receive gradient); both work on converted models and convolutions, and
+            applying either again replaces the previous one. ``narrow``: the layer is rebuilt
+            with ``keep`` outputs and default initialisation.
         next_layer: ``narrow`` only: the layer that reads ``layer``'s output (default: the next
             ``nn.Linear`` in module order); a ``BatchNorm1d`` of the old width between the two is
             rebuilt too.
+        seed: ``filter`` only: seeds the draw of which weights learn (the same on every device).
     """
     if mode not in MODES:
         raise ValueError(f"unknown bottleneck mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -95,9 +132,14 @@ def apply_bottleneck(
     width = _width(module)
     if not 1 <= keep <= width:
         raise ValueError(f"keep={keep} units of {layer!r}, which has {width}")
-    if mode == "mask":
+    if mode in ("filter", "mask"):
         remove_bottleneck(model, layer)
-        module.__dict__["_biograd_bottleneck"] = module.register_forward_hook(_mask_hook(keep, dim))
+        hooks = (
+            _filter_hooks(module, keep, width, seed)
+            if mode == "filter"
+            else module.register_forward_hook(_mask_hook(keep, dim))
+        )
+        module.__dict__["_biograd_bottleneck"] = hooks
         return model
 
     if any(isinstance(m, (FeedbackLayer, DirectFeedback)) for m in model.modules()):
@@ -222,7 +264,7 @@ def bottleneck_sweep(
     data: TensorData,
     *,
     rules: Sequence[str] = ("dfa",),
-    mode: str = "mask",
+    mode: str = "filter",
     seeds: Sequence[int] = (0,),
     epochs: int = 10,
     lr: float = 0.01,
@@ -238,7 +280,7 @@ def bottleneck_sweep(
     Args:
         build: makes a fresh, unconverted model (called after ``torch.manual_seed(seed)``).
         layer: module name of the bottleneck layer.
-        widths: numbers of units that learn (``mask``) or exist (``narrow``).
+        widths: the ``keep`` of :func:`apply_bottleneck` (``mode`` as there).
         data: the problem; alignment is measured on the first ``probe`` test samples.
         rules, seeds: every combination is trained.
         train: ``train(model, data, seed) -> {"test_acc": ..., ...}``; default
@@ -247,7 +289,8 @@ def bottleneck_sweep(
         measure: the layer whose gradient angle goes into ``angle`` (default: ``layer``). A
             bottleneck limits the rank of the path from the layers below it to the output, so
             the layer below it is where DFA's alignment suffers; the bottleneck layer's own
-            masked gradient has only ``width`` rows, whose angle is small for trivial reasons.
+            gradient under ``mask`` has only ``width`` rows, whose angle is small for trivial
+            reasons.
 
     Returns:
         One row per run: ``rule, mode, layer, width, seed, measured, angle`` (the ``measure``
@@ -267,7 +310,7 @@ def bottleneck_sweep(
             for width in widths:
                 torch.manual_seed(seed)
                 model = build()
-                apply_bottleneck(model, layer, width, mode)
+                apply_bottleneck(model, layer, width, mode, seed=seed)
                 convert(model, rule, seed=seed, **dict(convert_kwargs or {}))
                 metrics = dict(fit(model, data, seed))
                 model.eval()
@@ -309,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--measure", default="fc1", help="the layer whose alignment is reported")
     p.add_argument("--widths", default="1,2,4,8,16,32,64,128,256")
     p.add_argument("--rules", default="bp,fa,dfa")
-    p.add_argument("--mode", choices=MODES, default="mask")
+    p.add_argument("--mode", choices=MODES, default="filter")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.05)

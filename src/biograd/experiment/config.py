@@ -301,12 +301,13 @@ class AlignmentConfig(Section):
 
 class BottleneckConfig(Section):
     """Make ``layer`` a bottleneck of ``keep`` units (Launay, Poli, Krzakala 2019, Sec. 4; see
-    ``biograd.bottleneck.apply_bottleneck``): only ``keep`` units learn (``mask``, their method)
-    or exist (``narrow``). No ``layer``: no bottleneck."""
+    ``biograd.bottleneck.apply_bottleneck``): a fixed random ``keep / width`` of its weights learn
+    (``filter``, their code's method, drawn from the run's seed), only its first ``keep`` units
+    learn (``mask``), or only ``keep`` units exist (``narrow``). No ``layer``: no bottleneck."""
 
     layer: str | None = None
     keep: Count = 1
-    mode: Literal["mask", "narrow"] = "mask"
+    mode: Literal["filter", "mask", "narrow"] = "filter"
 
 
 # Keys a rule may not override: the grid's axes and what is loaded once for every rule.

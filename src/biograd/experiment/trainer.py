@@ -196,7 +196,7 @@ def build(cfg: Config, rule: str, seed: int, in_shape: tuple[int, ...], classes:
         from ..bottleneck import apply_bottleneck
 
         try:
-            apply_bottleneck(model, b.layer, b.keep, b.mode)
+            apply_bottleneck(model, b.layer, b.keep, b.mode, seed=seed)
         except (AttributeError, TypeError, ValueError) as e:
             raise ConfigError(f"bottleneck: {e}") from None
     r = cfg.rule
