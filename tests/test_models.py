@@ -14,6 +14,7 @@ from torch import nn
 import biograd
 from biograd.errors import ConfigError
 from biograd.models import MODELS, Bottleneck, ResNet, build_model, model_options
+from biograd.rules.base import feedback_std
 
 # A small input shape per model, so that the whole file stays fast on one core.
 SMALL: dict[str, tuple[int, ...]] = {
@@ -111,6 +112,27 @@ def test_lenet_pads_small_inputs_to_32() -> None:
     assert m_odd(torch.randn(2, 1, 7, 9)).shape == (2, 10)
     with pytest.raises(ConfigError, match="too small"):
         build_model("lenet", in_shape=(1, 8, 8), pad_to=0)
+
+
+def test_lenet_conv3_is_biotorchs_c5_the_same_function_at_a_smaller_xavier_scale() -> None:
+    torch.manual_seed(0)
+    fc = build_model("lenet", in_shape=(1, 28, 28))
+    c5 = build_model("lenet", in_shape=(1, 28, 28), conv3=True)
+    assert not hasattr(c5, "fc1") and c5.conv3.kernel_size == (5, 5)
+    state = fc.state_dict()
+    state["conv3.weight"] = state.pop("fc1.weight").reshape(120, 16, 5, 5)
+    state["conv3.bias"] = state.pop("fc1.bias")
+    c5.load_state_dict(state)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.allclose(c5(x), fc(x), atol=1e-5)
+    for net in (fc, c5):
+        biograd.models.init_weights(net, "xavier")
+    ratio = float(fc.fc1.weight.std() / c5.conv3.weight.std())
+    assert ratio == pytest.approx(math.sqrt(3400 / 520), rel=0.05)  # fan-out 120 x 25, not 120
+    b_ratio = feedback_std(fc.fc1.weight, "xavier") / feedback_std(c5.conv3.weight, "xavier")
+    assert b_ratio == pytest.approx(math.sqrt(3400 / 520))  # and so is its feedback's
+    biograd.convert(c5, "usf")
+    assert c5(x).shape == (4, 10)
 
 
 def test_lenet_pad_keeps_the_image_in_the_centre() -> None:

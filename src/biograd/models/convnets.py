@@ -17,6 +17,12 @@ class LeNet(nn.Sequential):
     ``conv1`` 5x5 6 -> ``pool1`` 2x2 -> ``conv2`` 5x5 16 -> ``pool2`` 2x2 -> ``fc1`` 120 ->
     ``fc2`` 84 -> ``out`` classes, ReLU after every hidden layer.
 
+    ``conv3=True`` makes the third layer LeNet-5's C5, as in BioTorch's ``models/le_net.py``: a
+    convolution of 16 -> 120 channels whose kernel covers the 5x5 map (``conv3``, then
+    ``flatten``) in place of ``fc1``. It computes the same function, but Xavier initialisation
+    and the rules' Xavier feedback scale count its fan-out as 120 x 25 instead of 120, so its
+    weights and feedback start 2.6 times smaller.
+
     Images smaller than ``pad_to`` (28x28 MNIST, 8x8 digits) are zero-padded symmetrically to
     ``pad_to`` x ``pad_to`` by the first module ``pad``, so the net sees the 32x32 inputs of the
     benchmark (and of LeNet-5) and ``fc1`` has 16*5*5 = 400 inputs; larger images are not resized.
@@ -27,6 +33,7 @@ class LeNet(nn.Sequential):
         activation, negative_slope: the hidden activation (BioTorch: relu; LeCun: tanh-like).
         pool: ``"max"`` (BioTorch) or ``"avg"`` (LeCun's subsampling).
         pad_to: minimum spatial size after padding; ``0`` disables padding.
+        conv3: the third layer as a convolution (BioTorch), not ``fc1``.
     """
 
     def __init__(
@@ -38,6 +45,7 @@ class LeNet(nn.Sequential):
         negative_slope: float = 0.01,
         pool: str = "max",
         pad_to: int = 32,
+        conv3: bool = False,
     ) -> None:
         c, h, w = image_shape("lenet", in_shape)
         if pool not in ("max", "avg"):
@@ -60,9 +68,14 @@ class LeNet(nn.Sequential):
         layers["conv2"] = nn.Conv2d(6, 16, 5)
         layers["act2"] = make_activation(activation, negative_slope)
         layers["pool2"] = pooling(2)
-        layers["flatten"] = nn.Flatten()
-        layers["fc1"] = nn.Linear(16 * h * w, 120)
-        layers["act3"] = make_activation(activation, negative_slope)
+        if conv3:
+            layers["conv3"] = nn.Conv2d(16, 120, (h, w))
+            layers["act3"] = make_activation(activation, negative_slope)
+            layers["flatten"] = nn.Flatten()
+        else:
+            layers["flatten"] = nn.Flatten()
+            layers["fc1"] = nn.Linear(16 * h * w, 120)
+            layers["act3"] = make_activation(activation, negative_slope)
         layers["fc2"] = nn.Linear(120, 84)
         layers["act4"] = make_activation(activation, negative_slope)
         layers["out"] = nn.Linear(84, classes)
