@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from biograd.cli import main
+from biograd.errors import ConfigError
 from biograd.experiment.grid import grid_cells, run_cell, status
 from biograd.experiment.runner import load_spec
-from biograd.experiment.trainer import read_rows
+from biograd.experiment.trainer import prepare, read_rows
 
 SPEC = {
     "title": "tiny grid",
@@ -171,6 +172,16 @@ def test_a_key_added_since_an_export_takes_its_default_there(
     saved = cell.dir(tmp_path / "old") / "config.yaml"
     written = yaml.safe_load(saved.read_text())
     del written["rule"]["error"], written["diverge_factor"]  # as before those keys existed
+    written["bottleneck"]["mode"] = "narrow"  # an old default of a key that does nothing here
+    saved.write_text(yaml.safe_dump(written))
+    assert status(cell, tmp_path / "new", [tmp_path / "old"]).state == "done"
+    prepare(cell.config, saved.parent, resume=True)  # a run resumes across it too
+    written["bottleneck"]["layer"] = "fc1"  # with a layer, the mode does something
+    saved.write_text(yaml.safe_dump(written))
+    assert status(cell, tmp_path / "new", [tmp_path / "old"]).state == "todo"
+    with pytest.raises(ConfigError, match=r"bottleneck\.layer, bottleneck\.mode"):
+        prepare(cell.config, saved.parent, resume=True)
+    written["bottleneck"] = {"layer": None, "keep": 1, "mode": "filter"}
     written["rule_overrides"] = {"fa": {"optim.lr": 0.3}}  # another rule's: inert in this cell
     saved.write_text(yaml.safe_dump(written))
     assert status(cell, tmp_path / "new", [tmp_path / "old"]).state == "done"

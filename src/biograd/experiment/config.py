@@ -8,6 +8,7 @@ constructor checks when the run starts (``biograd.experiment.trainer.build``).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -562,6 +563,27 @@ def dump(cfg: Config) -> dict[str, Any]:
     if not data["channels_last"]:  # as configs written before the key existed
         data.pop("channels_last")
     return data
+
+
+# Sections whose keys do nothing while their switch key is None: (switch, section).
+_INERT_UNLESS = (("bottleneck.layer", "bottleneck"),)
+
+
+def config_changes(saved: Mapping[str, Any], cfg: Config) -> list[str]:
+    """The dotted keys in which a config written earlier (``saved``, a dumped config) differs
+    from ``cfg``. A key added since takes its default in ``saved``; a section that does nothing
+    in both (``bottleneck`` without a layer) is not compared, so a change of its defaults does
+    not count. A key since removed is compared as written (and so named)."""
+    old: Any = dict(saved)
+    with contextlib.suppress(ConfigError):
+        old = dump(validate(old))
+    new = dump(cfg)
+    for switch, section in _INERT_UNLESS:
+        top, _, key = switch.partition(".")
+        if (old.get(top) or {}).get(key) is None and (new.get(top) or {}).get(key) is None:
+            old.pop(section, None)
+            new.pop(section, None)
+    return list(diff_keys(old, new))
 
 
 def diff_keys(a: Any, b: Any, prefix: str = "") -> Iterable[str]:

@@ -20,7 +20,6 @@ combines both.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import math
 import os
@@ -39,7 +38,7 @@ import torch
 import yaml
 
 from ..errors import BiogradError, ConfigError, DivergedError
-from .config import Config, apply_overrides, diff_keys, dump, read_yaml, validate
+from .config import Config, apply_overrides, config_changes, dump, read_yaml, validate
 from .runner import Spec, cell_configs, load_spec
 from .trainer import checkpoint_path, read_rows, run
 
@@ -116,14 +115,12 @@ def changed_keys(cell: Cell, folder: Path) -> list[str]:
     """The config keys (other than :data:`VOLATILE` ones) in which ``folder/config.yaml``
     differs from ``cell``'s config; ``["config.yaml"]`` when there is none. A key added to the
     config since the file was written takes its default there (a new key's default keeps the
-    old behaviour), so adding one does not unfinish every committed cell."""
+    old behaviour), so adding one does not unfinish every committed cell; nor does a new default
+    of a key that does nothing (``biograd.experiment.config.config_changes``)."""
     path = folder / "config.yaml"
     if not path.is_file():
         return ["config.yaml"]
-    saved = read_yaml(path)
-    with contextlib.suppress(ConfigError):  # a key since removed: compare as written, naming it
-        saved = dump(validate(saved))
-    diff = diff_keys(saved, dump(cell.config))
+    diff = config_changes(read_yaml(path), cell.config)
     return [k for k in diff if k not in VOLATILE and k.split(".")[0] not in VOLATILE]
 
 

@@ -17,7 +17,6 @@ accuracies are summed over ranks; rank 0 writes every file; a checkpoint holds t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import math
@@ -41,7 +40,7 @@ from ..errors import BiogradError, ConfigError, DivergedError
 from ..rules import get_rule
 from . import csvlog
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, diff_keys, dump, read_yaml, save_config, validate
+from .config import Config, config_changes, read_yaml, save_config
 
 METRICS_COLUMNS = (
     "rule",
@@ -583,10 +582,8 @@ def prepare(cfg: Config, run_dir: Path, *, resume: bool) -> None:
                 f"{run_dir} already holds a run; continue it with --resume, or choose another "
                 "output directory"
             )
-        old: dict[str, Any] = read_yaml(saved)
-        with contextlib.suppress(ConfigError):  # this version's defaults filled in
-            old = dump(validate(old))
-        changed = sorted(k for k in diff_keys(old, dump(cfg)) if not _result_free(k, cfg))
+        changes = config_changes(read_yaml(saved), cfg)
+        changed = sorted(k for k in changes if not _result_free(k, cfg))
         if changed:
             raise ConfigError(
                 f"{run_dir} holds a run with another config (it differs in {', '.join(changed)}); "
