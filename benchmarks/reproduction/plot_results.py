@@ -163,6 +163,10 @@ def grid(name):
             yerr=[mine[settings[j]]["std"] or 0 for j in shown],
             label=rule,
         )
+        for j in shown:
+            if mine[settings[j]]["diverged"] and not mine[settings[j]]["seeds"]:
+                x = j + (i - (len(rules) - 1) / 2) * 0.35
+                ax.text(x, 1, "diverged", rotation=90, ha="center", va="bottom", fontsize="small")
     ax.set_xticks(range(len(settings)), settings, rotation=20)
     ax.set_ylabel("test error (%)")
     title = read_yaml(folder / "grid.yaml")["spec"]["title"]
