@@ -421,6 +421,10 @@ def test_filter_bottleneck_is_replaced_and_removed() -> None:
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
     assert bool((model[2].weight.grad != 0).all())
+    with torch.device("meta"):
+        late = tanh_mlp()
+    with pytest.raises(ValueError, match="after to_empty"):  # materialising replaces parameters
+        apply_bottleneck(late, "2", 10, "filter")
 
 
 def test_mask_bottleneck_on_a_convolution_and_replacing_it() -> None:

@@ -79,13 +79,29 @@ class _Handles:
             h.remove()
 
 
+def _filter_hook(mask: Tensor) -> Callable[[Tensor], Tensor]:
+    held = [mask]  # follows the gradient's device (the model moved after the bottleneck)
+
+    def hook(grad: Tensor) -> Tensor:
+        if held[0].device != grad.device:
+            held[0] = held[0].to(grad.device)
+        return grad * held[0]
+
+    return hook
+
+
 def _filter_hooks(module: nn.Module, keep: int, width: int, seed: int) -> _Handles:
+    params = [p for p in (module.weight, getattr(module, "bias", None)) if isinstance(p, Tensor)]
+    if any(p.is_meta for p in params):
+        raise ValueError(
+            "a 'filter' bottleneck hooks the layer's parameters, which materialising a meta "
+            "model replaces: apply it after to_empty"
+        )
     gen = torch.Generator().manual_seed(seed)
     handles = []
-    for p in (module.weight, getattr(module, "bias", None)):
-        if isinstance(p, Tensor):
-            mask = (torch.rand(p.shape, generator=gen) < keep / width).to(p.device, p.dtype)
-            handles.append(p.register_hook(lambda g, m=mask: g * m))
+    for p in params:
+        mask = torch.rand(p.shape, generator=gen) < keep / width  # on the CPU: any device
+        handles.append(p.register_hook(_filter_hook(mask)))
     return _Handles(handles)
 
 
