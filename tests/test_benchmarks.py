@@ -135,8 +135,9 @@ def test_result_plots_of_a_finished_grid(tmp_path: Path, monkeypatch, capsys) ->
 
 def test_grid_and_bottleneck_plots_of_a_finished_sweep(tmp_path: Path, monkeypatch, capsys) -> None:
     """plot_results.py's `grid:` and `bottleneck:` jobs read a grid folder (a run directory or an
-    export): one bar per rule and setting; fc2's final angle and the test error by width, and
-    a table with one `error / angle` cell per width and rule."""
+    export): one bar per rule and setting; dfa's final angle of every layer and the test error
+    by width, and a table with one `error / angle` cell per width and rule, then dfa's final
+    angle of every layer."""
     spec = {
         "title": "tiny bottleneck: digits",
         "paper": "none",
@@ -158,9 +159,13 @@ def test_grid_and_bottleneck_plots_of_a_finished_sweep(tmp_path: Path, monkeypat
     plots.main([f"bottleneck:{grid}"])
     table = capsys.readouterr().out.splitlines()
     assert table[0] == "| feedback | rule | b=2 | b=16 |"
-    assert [row.split(" | ")[1] for row in table[2:]] == ["bp", "dfa"]
+    assert [row.split(" | ")[1] for row in table[2:]] == [
+        "bp", "dfa", "dfa, angle of fc1", "dfa, angle of fc2", "dfa, angle of out"
+    ]  # fmt: skip
     bp_angles = [float(c.split(" / ")[1]) for c in table[2].strip("| ").split(" | ")[2:]]
     assert bp_angles == [0.0, 0.0]
+    fc2 = [float(c.split(" / ")[1]) for c in table[3].strip("| ").split(" | ")[2:]]
+    assert [float(c) for c in table[5].strip("| ").split(" | ")[2:]] == fc2  # every layer's
     assert (tmp_path / "results_tinyb.png").is_file()
     (tmp_path / "results_tinyb.png").unlink()
     plots.main([f"grid:{grid}"])

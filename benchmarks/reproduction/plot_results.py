@@ -183,23 +183,24 @@ def _bottleneck_rows(folder, mode):
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and p.name[1:].isdigit()):
         for run in sorted(p for p in d.iterdir() if (p / "alignment.csv").exists()):
             metrics = list(csv.DictReader((run / "metrics.csv").open()))
-            angle = {}
+            angles = {}
             for r in csv.DictReader((run / "alignment.csv").open()):
-                if r["kind"] == "gradient" and r["layer"] == "fc2" and r["angle"]:
-                    angle[r["rule"]] = float(r["angle"])  # rows in step order: the last stays
-            rule = metrics[-1]["rule"]
+                if r["kind"] == "gradient" and r["angle"] and r["layer"] != "<network>":
+                    angles[r["layer"]] = float(r["angle"])  # rows in step order: the last stays
             rows.append({
-                "rule": rule, "mode": mode, "width": int(d.name[1:]),
+                "rule": metrics[-1]["rule"], "mode": mode, "width": int(d.name[1:]),
                 "epochs": int(metrics[-1]["epoch"]), "test_acc": float(metrics[-1]["test_acc"]),
-                "angle": angle.get(rule),
+                "angle": angles.get("fc2"), "angles": angles,
             })  # fmt: skip
     return rows
 
 
 def bottleneck(*names):
-    """Bottleneck sweeps in one plot (fc2's final gradient angle, and test error, against the
-    number of fc2 units that learn); a grid whose scale ends in ``nonorm`` is the unnormalised
-    feedback. A bare sweep name stands for its ``-cpu`` and ``-cpu_nonorm`` run folders."""
+    """Bottleneck sweeps in one plot (dfa's final gradient angle of every hidden layer, and
+    test error, against the bottleneck width b of fc2); a grid whose scale ends in ``nonorm``
+    is the unnormalised feedback. A bare sweep name stands for its ``-cpu`` and
+    ``-cpu_nonorm`` run folders. The table: test error / fc2's angle per cell, then dfa's
+    final angle of every layer."""
     if len(names) == 1 and not Path(names[0]).is_dir():
         names = tuple(
             f"{names[0]}-{s}" for s in ("cpu", "cpu_nonorm") if (R / f"{names[0]}-{s}").exists()
@@ -211,8 +212,23 @@ def bottleneck(*names):
         rows += _bottleneck_rows(
             folder, "unnormalised" if scale.endswith("nonorm") else "normalised"
         )
+    spec = read_yaml(_folder(names[0]) / "grid.yaml")["spec"]
+    how = (spec["base"].get("bottleneck") or {}).get("mode", "filter")
+    xlabel = {
+        "filter": "b (fc2 learns b/800 of its weights)",
+        "mask": "units of fc2 that learn (b)",
+    }
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     ax_angle, ax_err = fig.subplots(1, 2, sharex=True)
+    dfa = sorted((r for r in rows if r["rule"] == "dfa"), key=lambda r: r["width"])
+    layers = sorted({k for r in dfa for k in r["angles"] if k != "out"})
+    for mode, ls in (("normalised", "-"), ("unnormalised", "--")):
+        mine = [r for r in dfa if r["mode"] == mode]
+        for i, layer in enumerate(layers):
+            pts = [(r["width"], r["angles"][layer]) for r in mine if layer in r["angles"]]
+            if pts:
+                ax_angle.plot(*zip(*pts), ls, color=f"C{i + 2}", marker="o",
+                              label=f"dfa {layer}" + (", unnormalised" if ls == "--" else ""))  # fmt: skip
     styles = {
         ("bp", "normalised"): ("tab:blue", "-"),
         ("dfa", "normalised"): ("tab:orange", "-"),
@@ -222,25 +238,22 @@ def bottleneck(*names):
         mine = sorted(
             (r for r in rows if r["rule"] == rule and r["mode"] == mode), key=lambda r: r["width"]
         )
-        if not mine:
-            continue
-        label = f"{rule}, feedback {mode}" if rule == "dfa" else rule
-        xs = [r["width"] for r in mine]
-        ax_angle.plot(xs, [r["angle"] for r in mine], ls, color=color, marker="o", label=label)
-        ax_err.plot(
-            xs, [100 * (1 - r["test_acc"]) for r in mine], ls, color=color, marker="o", label=label
-        )
-    ax_angle.set_ylabel("fc2 gradient angle with bp (deg)")
+        if mine:
+            label = f"{rule}, feedback {mode}" if rule == "dfa" else rule
+            xs = [r["width"] for r in mine]
+            errors = [100 * (1 - r["test_acc"]) for r in mine]
+            ax_err.plot(xs, errors, ls, color=color, marker="o", label=label)
+    ax_angle.set_ylabel("final gradient angle with bp (deg)")
     ax_err.set_ylabel("test error (%)")
     for ax in (ax_angle, ax_err):
         ax.set_xscale("log")
-        ax.set_xlabel("units of fc2 that learn (b)")
+        ax.set_xlabel(xlabel.get(how, "b"))
         ax.grid(alpha=0.3)
-    ax_err.legend(fontsize="small")
+        ax.legend(fontsize="small")
     base = _undated(_folder(names[0])).rsplit("-", 1)[0]
     epochs = sorted({r["epochs"] for r in rows})
     fig.suptitle(
-        f"Bottleneck sweep, launay_fc, {base.removeprefix('bottleneck_fc_')} "
+        f"Bottleneck sweep ({how}), launay_fc, {base.removeprefix('bottleneck_fc_')} "
         f"({'/'.join(map(str, epochs))} epochs, seed 0)"
     )
     fig.savefig(IMG / f"results_{base}.png", dpi=100)
@@ -253,9 +266,17 @@ def bottleneck(*names):
             if mine:
                 cells = " | ".join(
                     f"{100 * (1 - mine[w]['test_acc']):.1f} / {mine[w]['angle']:.0f}"
-                    if w in mine else "-" for w in widths
+                    if w in mine and mine[w]["angle"] is not None else "-" for w in widths
                 )  # fmt: skip
                 print(f"| {mode} | {rule} | {cells} |")
+    for mode in dict.fromkeys(r["mode"] for r in dfa):
+        mine = {r["width"]: r for r in dfa if r["mode"] == mode}
+        for layer in sorted({k for r in mine.values() for k in r["angles"]}):
+            cells = " | ".join(
+                f"{mine[w]['angles'][layer]:.0f}" if w in mine and layer in mine[w]["angles"]
+                else "-" for w in widths
+            )  # fmt: skip
+            print(f"| {mode} | dfa, angle of {layer} | {cells} |")
 
 
 def main(jobs):
