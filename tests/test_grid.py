@@ -11,8 +11,8 @@ import yaml
 
 from biograd.cli import main
 from biograd.errors import ConfigError
-from biograd.experiment.grid import grid_cells, run_cell, status
-from biograd.experiment.runner import load_spec
+from biograd.experiment.grid import _sweep_choice, grid_cells, run_cell, status
+from biograd.experiment.runner import Spec, load_spec
 from biograd.experiment.trainer import prepare, read_rows
 
 SPEC = {
@@ -241,3 +241,36 @@ def test_sweep_names_the_best_setting_per_rule(tmp_path: Path) -> None:
     assert "validation" in text and "not the test set" in text
     assert "| bp | lr_0.3 |" in text
     assert "rule_overrides:" in text and "optim.lr: 0.3" in text
+
+
+def test_sweep_overrides_carry_only_the_swept_key() -> None:
+    """A group's settings share ``optim.manhattan`` and their ``rules``; the override to paste
+    holds the rate they vary, nothing else (no ``rules`` key, no YAML anchors)."""
+    shared = {"optim.manhattan": True, "rules": ["fa", "usf"]}
+    spec = Spec.model_validate(
+        dict(
+            SPEC,
+            rules=["fa", "usf"],
+            rule_seeds={},
+            published={},
+            sweep=True,
+            settings={
+                "lr_0.1": {"optim.lr": 0.1},
+                "manhattan_lr_1e-3": {**shared, "optim.lr": 1.0e-3},
+                "manhattan_lr_1e-4": {**shared, "optim.lr": 1.0e-4},
+            },
+        )
+    )
+    rows = [
+        {"setting": st, "rule": rule, "ours": err, "seeds": 1, "diverged": []}
+        for st, rule, err in [
+            ("lr_0.1", "fa", 50.0), ("lr_0.1", "usf", 40.0),
+            ("manhattan_lr_1e-3", "fa", 30.0), ("manhattan_lr_1e-3", "usf", 45.0),
+            ("manhattan_lr_1e-4", "fa", 35.0), ("manhattan_lr_1e-4", "usf", 20.0),
+        ]
+    ]  # fmt: skip
+    text = _sweep_choice(spec, rows)
+    manhattan = text[text.index("manhattan:\n") :]
+    assert "fa: {optim.lr: 0.001}" in manhattan and "usf: {optim.lr: 0.0001}" in manhattan
+    assert "rules" not in manhattan and "manhattan: true" not in manhattan and "&" not in text
+    assert "fa: {optim.lr: 0.1}" in text[: text.index("manhattan:\n")]

@@ -602,6 +602,16 @@ def sweep_group(setting: str) -> str:
     return head.rstrip("_") if sep else setting
 
 
+def _swept_keys(spec: Spec, group: str) -> set[str]:
+    """The keys that the settings of ``group`` vary (``optim.lr``), not those they share
+    (``optim.manhattan``, their ``rules``): only those belong in a rule's override."""
+    names = [s for s in spec.settings if sweep_group(s) == group]
+    keys = {k for s in names for k in spec.settings[s] if k not in ("rules", "seeds")}
+    if len(names) < 2:
+        return keys
+    return {k for k in keys if len({repr(spec.settings[s].get(k)) for s in names}) > 1}
+
+
 def _sweep_choice(spec: Spec, rows: list[dict[str, Any]]) -> str:
     """Per group and rule, the setting with the best mean metric, and the ``rule_overrides``
     that carry it into a full spec."""
@@ -629,8 +639,11 @@ def _sweep_choice(spec: Spec, rows: list[dict[str, Any]]) -> str:
     ]
     lines += ["or of the setting of that name (other groups):", ""]
     for group in sorted({g for g, _ in best}):
+        swept = _swept_keys(spec, group)
         overrides = {
-            rule: dict(spec.settings[r["setting"]]) for (g, rule), r in best.items() if g == group
+            rule: {k: v for k, v in spec.settings[r["setting"]].items() if k in swept}
+            for (g, rule), r in best.items()
+            if g == group
         }
         snippet = yaml.safe_dump(
             {"rule_overrides": overrides}, sort_keys=False, default_flow_style=None
