@@ -228,7 +228,7 @@ def bottleneck(*names):
             pts = [(r["width"], r["angles"][layer]) for r in mine if layer in r["angles"]]
             if pts:
                 ax_angle.plot(*zip(*pts), ls, color=f"C{i + 2}", marker="o",
-                              label=f"dfa {layer}" + (", unnormalised" if ls == "--" else ""))  # fmt: skip
+                              label=f"dfa {layer}" + (", unnormalised" if mode == "unnormalised" else ""))  # fmt: skip
     styles = {
         ("bp", "normalised"): ("tab:blue", "-"),
         ("dfa", "normalised"): ("tab:orange", "-"),

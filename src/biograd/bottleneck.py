@@ -80,12 +80,11 @@ class _Handles:
 
 
 def _filter_hook(mask: Tensor) -> Callable[[Tensor], Tensor]:
-    held = [mask]  # follows the gradient's device (the model moved after the bottleneck)
-
     def hook(grad: Tensor) -> Tensor:
-        if held[0].device != grad.device:
-            held[0] = held[0].to(grad.device)
-        return grad * held[0]
+        nonlocal mask  # follows the gradient's device (the model moved after the bottleneck)
+        if mask.device != grad.device:
+            mask = mask.to(grad.device)
+        return grad * mask
 
     return hook
 

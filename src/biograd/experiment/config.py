@@ -565,8 +565,8 @@ def dump(cfg: Config) -> dict[str, Any]:
     return data
 
 
-# Sections whose keys do nothing while their switch key is None: (switch, section).
-_INERT_UNLESS = (("bottleneck.layer", "bottleneck"),)
+# Sections whose keys do nothing while their switch key is None: section -> switch key.
+_INERT_UNLESS = {"bottleneck": "layer"}
 
 
 def config_changes(saved: Mapping[str, Any], cfg: Config) -> list[str]:
@@ -578,9 +578,8 @@ def config_changes(saved: Mapping[str, Any], cfg: Config) -> list[str]:
     with contextlib.suppress(ConfigError):
         old = dump(validate(old))
     new = dump(cfg)
-    for switch, section in _INERT_UNLESS:
-        top, _, key = switch.partition(".")
-        if (old.get(top) or {}).get(key) is None and (new.get(top) or {}).get(key) is None:
+    for section, switch in _INERT_UNLESS.items():
+        if all((c.get(section) or {}).get(switch) is None for c in (old, new)):
             old.pop(section, None)
             new.pop(section, None)
     return list(diff_keys(old, new))
