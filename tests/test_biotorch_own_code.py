@@ -1,0 +1,99 @@
+"""The driver that runs BioTorch's own code on LeNet/MNIST (benchmarks/reproduction/
+biotorch_own_code, docs/results.md 1.2): its torchvision stand-in keeps torchvision's semantics,
+its config carries the published protocol, and its summary reads BioTorch's log as BioTorch
+selects (the first best epoch)."""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from benchmark_scripts import load
+
+HERE = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduction" / "biotorch_own_code"
+
+
+@pytest.fixture
+def tv() -> Iterator[ModuleType]:
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "torchvision"}
+    sys.path.insert(0, str(HERE / "stub"))
+    try:
+        yield importlib.import_module("torchvision")
+    finally:
+        sys.path.remove(str(HERE / "stub"))
+        for k in [k for k in sys.modules if k.split(".")[0] == "torchvision"]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def test_transforms_are_torchvisions_on_pil_images(tv: ModuleType) -> None:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8))
+    t = tv.transforms
+    resized = t.Resize((32, 32))(img)
+    assert resized.size == (32, 32)
+    assert np.array_equal(np.array(resized), np.array(img.resize((32, 32), Image.BILINEAR)))
+    x = t.ToTensor()(resized)
+    assert x.shape == (1, 32, 32) and x.dtype == torch.float32
+    assert torch.equal(x[0], torch.from_numpy(np.array(resized)).float() / 255)
+    y = t.Compose([t.Resize((32, 32)), t.ToTensor(), t.Normalize((0.1307,), (0.3081,))])(img)
+    assert torch.allclose(y, (x - 0.1307) / 0.3081)
+    with pytest.raises(NotImplementedError):
+        t.RandomCrop(32)
+
+
+def _idx(path: Path, arr: np.ndarray) -> None:
+    dims = b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, arr.ndim]) + dims + arr.tobytes()))
+
+
+def test_idx_files_are_read_and_only_the_official_ones_accepted(tv: ModuleType, tmp_path) -> None:
+    images = np.arange(3 * 28 * 28, dtype=np.int64).reshape(3, 28, 28).astype(np.uint8)
+    _idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    _idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([7, 2, 1], dtype=np.uint8))
+    read = tv.datasets.read_idx(tmp_path, "t10k-images-idx3-ubyte.gz", check_md5=False)
+    assert np.array_equal(read, images)
+    with pytest.raises(ValueError, match="official"):
+        tv.datasets.MNIST(str(tmp_path), train=False)
+    with pytest.raises(FileNotFoundError, match="does not download"):
+        tv.datasets.MNIST(str(tmp_path), train=True, download=True)
+
+
+def test_config_carries_the_published_protocol(tmp_path: Path, monkeypatch) -> None:
+    gen = load("reproduction/biotorch_own_code/gen_config")
+    argv = ["gen_config.py", "brsf", "0.01", "2021", "100", str(tmp_path / "c"), str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    gen.main()
+    cfg = yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())
+    assert cfg["model"]["mode"]["type"] == "brsf"
+    assert cfg["model"]["mode"]["options"]["init"] == "xavier"
+    assert cfg["data"]["target_size"] == 32
+    train = cfg["training"]
+    assert train["hyperparameters"] == {"epochs": 100, "batch_size": 64}
+    assert train["optimizer"] == {"type": "SGD", "lr": 0.01, "weight_decay": 1e-3, "momentum": 0.9}
+    assert train["lr_scheduler"]["milestones"] == [50, 75]
+    assert cfg["experiment"] == {"name": "run", "output_dir": str(tmp_path / "c"), "seed": 2021,
+                                 "deterministic": True}  # fmt: skip
+
+
+def test_summary_takes_the_first_best_epoch_and_leaves_out_the_final_evaluation(tmp_path) -> None:
+    summarize = load("reproduction/biotorch_own_code/summarize")
+    log = "".join(f" * Acc@1 {a} Acc@5 100.000\n" for a in ("98.000", "99.300", "99.100", "99.300"))
+    log += " * Acc@1 99.300 Acc@5 100.000\nTest Results saved in: x\nwall_seconds 12\n"
+    (tmp_path / "train.log").write_text(log)
+    s = summarize.summarize(tmp_path)
+    assert s["per_epoch_test_error"] == [2.0, 0.7, 0.9, 0.7]
+    assert (s["best_epoch"], s["best_test_error"], s["last_epoch_test_error"]) == (2, 0.7, 0.7)
+    assert s["final_evaluation_test_error"] == 0.7 and s["wall_seconds"] == 12
+    assert json.loads((tmp_path / "summary.json").read_text()) == s
