@@ -20,6 +20,8 @@ import yaml
 from PIL import Image
 
 from benchmark_scripts import load
+from biograd.data import ImageDataset
+from biograd.errors import DataError
 
 HERE = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduction" / "biotorch_own_code"
 
@@ -53,20 +55,22 @@ def test_transforms_are_torchvisions_on_pil_images(tv: ModuleType) -> None:
         t.RandomCrop(32)
 
 
-def _idx(path: Path, arr: np.ndarray) -> None:
-    dims = b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
-    path.write_bytes(gzip.compress(bytes([0, 0, 8, arr.ndim]) + dims + arr.tobytes()))
-
-
-def test_idx_files_are_read_and_only_the_official_ones_accepted(tv: ModuleType, tmp_path) -> None:
+def test_mnist_gives_the_original_bytes_and_only_official_files(tv: ModuleType, tmp_path,
+                                                              monkeypatch) -> None:  # fmt: skip
     images = np.arange(3 * 28 * 28, dtype=np.int64).reshape(3, 28, 28).astype(np.uint8)
-    _idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
-    _idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([7, 2, 1], dtype=np.uint8))
-    read = tv.datasets.read_idx(tmp_path, "t10k-images-idx3-ubyte.gz", check_md5=False)
-    assert np.array_equal(read, images)
-    with pytest.raises(ValueError, match="official"):
+    ds = ImageDataset(torch.from_numpy(images).float().unsqueeze(1) / 255.0,
+                      torch.tensor([7, 2, 1]), 10, "mnist", (0.1307,), (0.3081,), "test")  # fmt: skip
+    monkeypatch.setattr(tv.datasets, "load_dataset", lambda *a, **k: ds)
+    mnist = tv.datasets.MNIST(str(tmp_path), train=False)
+    assert np.array_equal(mnist.data, images) and len(mnist) == 3
+    img, label = mnist[1]
+    assert img.mode == "L" and np.array_equal(np.array(img), images[1]) and label == 2
+    monkeypatch.undo()
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"not mnist"))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"not mnist"))
+    with pytest.raises(DataError, match="md5"):
         tv.datasets.MNIST(str(tmp_path), train=False)
-    with pytest.raises(FileNotFoundError, match="does not download"):
+    with pytest.raises(DataError, match="missing"):
         tv.datasets.MNIST(str(tmp_path), train=True, download=True)
 
 

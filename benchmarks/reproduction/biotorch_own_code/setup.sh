@@ -17,8 +17,9 @@ sed -i "s/'model_best_acc.pth'))/'model_best_acc.pth'), weights_only=False)/" \
 grep -q "weights_only=False" "$DEST/src/biotorch/benchmark/run.py"
 ! grep -q "verbose=True" "$DEST/src/biotorch/benchmark/lr_schedulers.py"
 "$ROOT/.venv/bin/python" -m venv "$DEST/venv"
-# torch, numpy, Pillow and PyYAML come from the project's .venv (read only).
-"$ROOT/.venv/bin/python" -c "import site; print(site.getsitepackages()[0])" \
+# torch, numpy, Pillow, PyYAML and biograd come from the project's .venv (read only; addsitedir
+# also reads its .pth files, among them biograd's editable install).
+"$ROOT/.venv/bin/python" -c "import site; print(f'import site; site.addsitedir({site.getsitepackages()[0]!r})')" \
     > "$("$DEST/venv/bin/python" -c "import site; print(site.getsitepackages()[0])")/project.pth"
 "$DEST/venv/bin/pip" install -q pandas jsonschema tensorboard
 echo "ready: $HERE/run_cell.sh RULE LR SEED OUT_DIR (with BIOTORCH_CHECK=$DEST)"

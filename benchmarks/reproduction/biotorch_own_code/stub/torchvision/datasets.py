@@ -1,37 +1,15 @@
-"""torchvision.datasets.MNIST from the official gzipped idx files under ``root`` (or
-``root/MNIST/raw``), md5-checked; items are (mode-'L' PIL image, int label). Never downloads."""
+"""torchvision.datasets.MNIST over biograd's loader (``biograd.data.load_dataset``: the official
+idx files under ``root`` or ``root/mnist``, md5-checked, never downloaded here); items are
+(mode-'L' PIL image of the original bytes, int label), as torchvision's."""
 
-import gzip
-import hashlib
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-MD5 = {
-    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
-}
-
-
-def read_idx(root: Path, name: str, check_md5: bool = True) -> np.ndarray:
-    """The array in idx file ``name`` (.gz) under ``root`` or ``root/MNIST/raw``."""
-    for path in (root / name, root / "MNIST" / "raw" / name):
-        if path.is_file():
-            break
-    else:
-        raise FileNotFoundError(f"{name} not under {root} (the stub does not download)")
-    raw = path.read_bytes()
-    if check_md5 and hashlib.md5(raw).hexdigest() != MD5[name]:
-        raise ValueError(f"{path}: not the official file (md5)")
-    data = gzip.decompress(raw)
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3])]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
+from biograd.data import ImageDataset, load_dataset
 
 
 class MNIST(torch.utils.data.Dataset):
@@ -39,9 +17,11 @@ class MNIST(torch.utils.data.Dataset):
         self, root: str, train: bool = True, transform: Callable[[Any], Any] | None = None,
         target_transform: Callable[[int], Any] | None = None, download: bool = False,
     ) -> None:  # fmt: skip
-        part = "train" if train else "t10k"
-        self.data = read_idx(Path(root), f"{part}-images-idx3-ubyte.gz")
-        self.targets = read_idx(Path(root), f"{part}-labels-idx1-ubyte.gz").astype(np.int64)
+        ds = load_dataset("mnist", root=root, split="train" if train else "test")
+        assert isinstance(ds, ImageDataset)
+        # x = bytes / 255 in float32: * 255 and rounding gives the bytes back exactly
+        self.data = (ds.x[:, 0] * 255).round().to(torch.uint8).numpy()
+        self.targets: np.ndarray = ds.y.numpy()
         self.transform, self.target_transform = transform, target_transform
 
     def __len__(self) -> int:
