@@ -115,7 +115,7 @@ def test_result_plots_of_a_finished_grid(tmp_path: Path, monkeypatch, capsys) ->
             "alignment": {"every": 2},
             "plots": False,
         },
-        "rules": ["bp", "fa", "usf"],
+        "rules": ["bp", "usf", "fa"],
         "seeds": [0],
         "rule_seeds": {"fa": [0, 1]},
         "published": {"default": {"bp": 5.0, "fa": 9.0}},
@@ -128,8 +128,8 @@ def test_result_plots_of_a_finished_grid(tmp_path: Path, monkeypatch, capsys) ->
         "results_tiny-full_default_alignment.png",
     }
     table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("| rule | first layer |") and len(table) == 4  # fa, usf
-    assert [row.split(" | ")[0] for row in table[2:]] == ["| fa", "| usf"]
+    assert table[0].startswith("| rule | first layer |") and len(table) == 4
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| usf", "| fa"]  # the spec's order
     assert all(float(c) >= 0 for row in table[2:] for c in row.strip("| ").split(" | ")[1:])
 
 

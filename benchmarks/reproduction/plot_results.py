@@ -106,6 +106,8 @@ def alignment(folder, setting="plain"):
     folder = Path(folder)
     runs = sorted(p for p in (folder / setting).glob("*-seed0") if (p / "alignment.csv").exists())
     runs = [p for p in runs if not p.name.startswith("bp-")]
+    order = list(dict.fromkeys(r["rule"] for r in rows_of(folder)))  # the spec's rule order
+    runs.sort(key=lambda p: order.index(p.name.rsplit("-seed", 1)[0]))
     fig = Figure(figsize=(max(3.2 * len(runs), 7), 3.6), layout="constrained")
     axes = fig.subplots(1, len(runs), sharey=True, squeeze=False)[0]
     table = []
