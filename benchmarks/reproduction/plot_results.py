@@ -9,6 +9,7 @@ import matplotlib
 from matplotlib.figure import Figure
 
 from biograd.experiment.config import read_yaml
+from biograd.experiment.grid import grid_cells
 from biograd.experiment.runner import Spec, grid_rows
 
 R, IMG = Path("runs/reproduce"), Path("docs/img")
@@ -104,10 +105,10 @@ def alignment(folder, setting="plain"):
     ``setting`` in a grid folder: runs/reproduce/NAME-SCALE or an exported results folder), and
     a table of the last measurement: first conv, each stage's mean, the classifier, the network."""
     folder = Path(folder)
-    runs = sorted(p for p in (folder / setting).glob("*-seed0") if (p / "alignment.csv").exists())
-    runs = [p for p in runs if not p.name.startswith("bp-")]
-    order = list(dict.fromkeys(r["rule"] for r in rows_of(folder)))  # the spec's rule order
-    runs.sort(key=lambda p: order.index(p.name.rsplit("-seed", 1)[0]))
+    grid = read_yaml(folder / "grid.yaml")
+    cells = grid_cells(Spec.model_validate(grid["spec"]), str(grid["scale"]))  # the spec's order
+    runs = [c.dir(folder) for c in cells if c.setting == setting and c.seed == 0]
+    runs = [p for p in runs if (p / "alignment.csv").exists() and not p.name.startswith("bp-")]
     fig = Figure(figsize=(max(3.2 * len(runs), 7), 3.6), layout="constrained")
     axes = fig.subplots(1, len(runs), sharey=True, squeeze=False)[0]
     table = []
