@@ -3,6 +3,7 @@ numbers themselves are measured by hand and recorded in docs/performance.md)."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,7 @@ def test_result_plots_of_a_finished_grid(tmp_path: Path, monkeypatch, capsys) ->
             "model": {"name": "mlp", "widths": [16, 16]},
             "optim": {"lr": 0.05},
             "epochs": 2,
-            "alignment": {"every": 2},
+            "alignment": {"every": 1},
             "plots": False,
         },
         "rules": ["bp", "usf", "fa"],
@@ -127,10 +128,23 @@ def test_result_plots_of_a_finished_grid(tmp_path: Path, monkeypatch, capsys) ->
         "results_tiny-full.png",
         "results_tiny-full_default_alignment.png",
     }
-    table = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("last quarter of training")
+    table = out[1:]
     assert table[0].startswith("| rule | first layer |") and len(table) == 4
-    assert [row.split(" | ")[0] for row in table[2:]] == ["| usf", "| fa"]  # the spec's order
+    # The spec's order, with the number of seeds averaged.
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| usf (1)", "| fa (2)"]
     assert all(float(c) >= 0 for row in table[2:] for c in row.strip("| ").split(" | ")[1:])
+    # fa's network angle: the mean over its two seeds of the last quarter of its 8 measurements.
+    late = []
+    for seed in (0, 1):
+        rows = csv.DictReader((grid / "default" / f"fa-seed{seed}" / "alignment.csv").open())
+        net = [
+            float(r["angle"]) for r in rows if r["kind"] == "gradient" and r["layer"] == "<network>"
+        ]
+        tail = net[-max(len(net) // 4, 1) :]
+        late.append(sum(tail) / len(tail))
+    assert table[3].strip("| ").split(" | ")[-1] == f"{sum(late) / 2:.0f}"
 
 
 def test_grid_and_bottleneck_plots_of_a_finished_sweep(tmp_path: Path, monkeypatch, capsys) -> None:

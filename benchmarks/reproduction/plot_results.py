@@ -100,23 +100,37 @@ def lenet_full(folder):
     fig.savefig(IMG / f"results_{_undated(folder)}.png", dpi=100)
 
 
+def _gradient_angles(run):
+    """Per-layer gradient angle with backprop over training: {layer: [(step, angle), ...]}."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for r in csv.DictReader((run / "alignment.csv").open()):
+        if r["kind"] == "gradient" and r["angle"]:
+            curves.setdefault(r["layer"], []).append((int(r["step"]), float(r["angle"])))
+    return curves
+
+
+def _late(curve):
+    """Mean angle over the last quarter of a run's measurements: one batch's angle scatters
+    by tens of degrees in early layers, so the last measurement alone is not a reading."""
+    tail = curve[-max(len(curve) // 4, 1) :]
+    return sum(a for _, a in tail) / len(tail)
+
+
 def alignment(folder, setting="plain"):
     """Per-layer gradient angle with backprop over training, one panel per rule (seed 0 of
     ``setting`` in a grid folder: runs/reproduce/NAME-SCALE or an exported results folder), and
-    a table of the last measurement: first conv, each stage's mean, the classifier, the network."""
+    a table of the last quarter of training (mean over those measurements and over every seed):
+    first layer, each stage's mean, the last layer, the network."""
     folder = Path(folder)
     grid = read_yaml(folder / "grid.yaml")
     cells = grid_cells(Spec.model_validate(grid["spec"]), str(grid["scale"]))  # the spec's order
-    runs = [c.dir(folder) for c in cells if c.setting == setting and c.seed == 0]
-    runs = [p for p in runs if (p / "alignment.csv").exists() and not p.name.startswith("bp-")]
+    cells = [c for c in cells if c.setting == setting and c.rule != "bp"]
+    done = [c for c in cells if (c.dir(folder) / "alignment.csv").exists()]
+    runs = [c.dir(folder) for c in done if c.seed == 0]
     fig = Figure(figsize=(max(3.2 * len(runs), 7), 3.6), layout="constrained")
     axes = fig.subplots(1, len(runs), sharey=True, squeeze=False)[0]
-    table = []
     for ax, run in zip(axes, runs):
-        curves: dict[str, list[tuple[int, float]]] = {}
-        for r in csv.DictReader((run / "alignment.csv").open()):
-            if r["kind"] == "gradient" and r["angle"]:
-                curves.setdefault(r["layer"], []).append((int(r["step"]), float(r["angle"])))
+        curves = _gradient_angles(run)
         layers = [k for k in curves if k != "<network>"]
         cmap = matplotlib.colormaps["viridis"]
         for i, layer in enumerate(layers):
@@ -125,27 +139,37 @@ def alignment(folder, setting="plain"):
         if "<network>" in curves:
             steps, angles = zip(*curves["<network>"])
             ax.plot(steps, angles, "k", lw=2, label="whole network")
-        rule = run.name.rsplit("-seed", 1)[0]
-        ax.set_title(rule)
+        ax.set_title(run.name.rsplit("-seed", 1)[0])
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        last = {k: v[-1][1] for k, v in curves.items()}
-        stages = sorted({k.split(".")[0] for k in layers if k.startswith("layer")})
-        table.append((rule, last.get(layers[0]), [
-            sum(v for k, v in last.items() if k.startswith(st + ".")) /
-            sum(1 for k in last if k.startswith(st + ".")) for st in stages
-        ], last.get(layers[-1]), last.get("<network>"), stages))  # fmt: skip
     axes[0].set_ylabel("gradient angle with bp (deg)")
     axes[0].legend(fontsize="small")
     fig.suptitle(f"{folder.name}, {setting}: gradient angle of every layer (dark: first layers)")
     fig.savefig(IMG / f"results_{_undated(folder)}_{setting}_alignment.png", dpi=100)
-    stages = table[0][5] if table else []
+    late: dict[str, list[dict[str, float]]] = {}
+    for c in done:
+        late.setdefault(c.rule, []).append(
+            {k: _late(v) for k, v in _gradient_angles(c.dir(folder)).items()}
+        )
+    stages: list[str] = []
+    rows = []
+    for rule, seeds in late.items():
+        mean = {k: sum(s[k] for s in seeds) / len(seeds) for k in seeds[0]}
+        layers = [k for k in mean if k != "<network>"]
+        stages = sorted({k.split(".")[0] for k in layers if k.startswith("layer")})
+        means = [
+            sum(v for k, v in mean.items() if k.startswith(st + "."))
+            / sum(1 for k in mean if k.startswith(st + "."))
+            for st in stages
+        ]
+        values = [mean[layers[0]], *means, mean[layers[-1]], mean.get("<network>")]
+        rows.append((f"{rule} ({len(seeds)})", values))
+    print("last quarter of training, mean over measurements and seeds (seeds in brackets):")
     print("| rule | first layer | " + " | ".join(f"{st} (mean)" for st in stages)
           + " | last layer | network |")  # fmt: skip
     print("|---|" + "---:|" * (len(stages) + 3))
-    for rule, first, means, last_layer, net, _ in table:
-        cells = [first, *means, last_layer, net]
-        print(f"| {rule} | " + " | ".join("-" if c is None else f"{c:.0f}" for c in cells) + " |")
+    for rule, values in rows:
+        print(f"| {rule} | " + " | ".join("-" if v is None else f"{v:.0f}" for v in values) + " |")
 
 
 def grid(name):
