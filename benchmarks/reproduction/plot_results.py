@@ -126,11 +126,11 @@ def alignment(folder, setting="plain"):
     cells = grid_cells(Spec.model_validate(grid["spec"]), str(grid["scale"]))  # the spec's order
     cells = [c for c in cells if c.setting == setting and c.rule != "bp"]
     done = [c for c in cells if (c.dir(folder) / "alignment.csv").exists()]
-    runs = [c.dir(folder) for c in done if c.seed == 0]
-    fig = Figure(figsize=(max(3.2 * len(runs), 7), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(runs), sharey=True, squeeze=False)[0]
-    for ax, run in zip(axes, runs):
-        curves = _gradient_angles(run)
+    every = [(c, _gradient_angles(c.dir(folder))) for c in done]
+    plotted = [(c, curves) for c, curves in every if c.seed == 0]
+    fig = Figure(figsize=(max(3.2 * len(plotted), 7), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(plotted), sharey=True, squeeze=False)[0]
+    for ax, (cell, curves) in zip(axes, plotted):
         layers = [k for k in curves if k != "<network>"]
         cmap = matplotlib.colormaps["viridis"]
         for i, layer in enumerate(layers):
@@ -139,7 +139,7 @@ def alignment(folder, setting="plain"):
         if "<network>" in curves:
             steps, angles = zip(*curves["<network>"])
             ax.plot(steps, angles, "k", lw=2, label="whole network")
-        ax.set_title(run.name.rsplit("-seed", 1)[0])
+        ax.set_title(cell.rule)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("gradient angle with bp (deg)")
@@ -147,10 +147,8 @@ def alignment(folder, setting="plain"):
     fig.suptitle(f"{folder.name}, {setting}: gradient angle of every layer (dark: first layers)")
     fig.savefig(IMG / f"results_{_undated(folder)}_{setting}_alignment.png", dpi=100)
     late: dict[str, list[dict[str, float]]] = {}
-    for c in done:
-        late.setdefault(c.rule, []).append(
-            {k: _late(v) for k, v in _gradient_angles(c.dir(folder)).items()}
-        )
+    for c, curves in every:
+        late.setdefault(c.rule, []).append({k: _late(v) for k, v in curves.items()})
     stages: list[str] = []
     rows = []
     for rule, seeds in late.items():
@@ -210,10 +208,8 @@ def _bottleneck_rows(folder, mode):
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and p.name[1:].isdigit()):
         for run in sorted(p for p in d.iterdir() if (p / "alignment.csv").exists()):
             metrics = list(csv.DictReader((run / "metrics.csv").open()))
-            angles = {}
-            for r in csv.DictReader((run / "alignment.csv").open()):
-                if r["kind"] == "gradient" and r["angle"] and r["layer"] != "<network>":
-                    angles[r["layer"]] = float(r["angle"])  # rows in step order: the last stays
+            curves = _gradient_angles(run)  # in step order: the last measurement of each layer
+            angles = {k: v[-1][1] for k, v in curves.items() if k != "<network>"}
             rows.append({
                 "rule": metrics[-1]["rule"], "mode": mode, "width": int(d.name[1:]),
                 "epochs": int(metrics[-1]["epoch"]), "test_acc": float(metrics[-1]["test_acc"]),
