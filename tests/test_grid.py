@@ -274,3 +274,26 @@ def test_sweep_overrides_carry_only_the_swept_key() -> None:
     assert "fa: {optim.lr: 0.001}" in manhattan and "usf: {optim.lr: 0.0001}" in manhattan
     assert "rules" not in manhattan and "manhattan: true" not in manhattan and "&" not in text
     assert "fa: {optim.lr: 0.1}" in text[: text.index("manhattan:\n")]
+
+
+def test_results_angles_are_the_late_training_mean(tmp_path: Path) -> None:
+    """The export's per-layer angle is each layer's mean over the last quarter of its
+    measurements (then over seeds), not the last measurement: one batch's angle is noisy."""
+    spec = {**SPEC, "base": {**SPEC["base"], "alignment": {"every": 1}}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "grid"
+    for cell in (1, 2):  # narrow fa, seeds 0 and 1: 3 epochs of 4 steps, 12 measurements each
+        assert main(["reproduce", str(path), "--out", str(out), "--cell", str(cell)]) == 0
+    late, last = [], []
+    for seed in (0, 1):
+        rows = read_rows(out / "narrow" / f"fa-seed{seed}" / "alignment.csv")
+        fc = [float(r["angle"]) for r in rows if r["kind"] == "gradient" and r["layer"] == "fc1"]
+        assert len(fc) == 12
+        late.append(sum(fc[-3:]) / 3)
+        last.append(fc[-1])
+    text = (out / "results.md").read_text().split("late in training")[1]
+    row = next(x for x in text.splitlines() if x.startswith("| narrow | fa |"))
+    header = next(x for x in text.splitlines() if x.startswith("| setting | rule |"))
+    value = row.split(" | ")[header.split(" | ").index("fc1")]
+    assert value == f"{sum(late) / 2:.1f}" != f"{sum(last) / 2:.1f}"

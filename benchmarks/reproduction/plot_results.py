@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from biograd.experiment.config import read_yaml
 from biograd.experiment.grid import grid_cells
 from biograd.experiment.runner import Spec, grid_rows
+from biograd.experiment.table import gradient_curves, late_angle
 
 R, IMG = Path("runs/reproduce"), Path("docs/img")
 
@@ -101,19 +102,9 @@ def lenet_full(folder):
 
 
 def _gradient_angles(run):
-    """Per-layer gradient angle with backprop over training: {layer: [(step, angle), ...]}."""
-    curves: dict[str, list[tuple[int, float]]] = {}
-    for r in csv.DictReader((run / "alignment.csv").open()):
-        if r["kind"] == "gradient" and r["angle"]:
-            curves.setdefault(r["layer"], []).append((int(r["step"]), float(r["angle"])))
-    return curves
-
-
-def _late(curve):
-    """Mean angle over the last quarter of a run's measurements: one batch's angle scatters
-    by tens of degrees in early layers, so the last measurement alone is not a reading."""
-    tail = curve[-max(len(curve) // 4, 1) :]
-    return sum(a for _, a in tail) / len(tail)
+    """Per-layer gradient angle with backprop over training of a cell's run folder (one rule,
+    one seed): {layer: [(step, angle), ...]} in step order."""
+    return {layer: c for (_, _, layer), c in gradient_curves(run / "alignment.csv").items()}
 
 
 def alignment(folder, setting="plain"):
@@ -148,7 +139,7 @@ def alignment(folder, setting="plain"):
     fig.savefig(IMG / f"results_{_undated(folder)}_{setting}_alignment.png", dpi=100)
     late: dict[str, list[dict[str, float]]] = {}
     for c, curves in every:
-        late.setdefault(c.rule, []).append({k: _late(v) for k, v in curves.items()})
+        late.setdefault(c.rule, []).append({k: late_angle(v) for k, v in curves.items()})
     stages: list[str] = []
     rows = []
     for rule, seeds in late.items():
@@ -208,8 +199,8 @@ def _bottleneck_rows(folder, mode):
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and p.name[1:].isdigit()):
         for run in sorted(p for p in d.iterdir() if (p / "alignment.csv").exists()):
             metrics = list(csv.DictReader((run / "metrics.csv").open()))
-            curves = _gradient_angles(run)  # in step order: the last measurement of each layer
-            angles = {k: v[-1][1] for k, v in curves.items() if k != "<network>"}
+            curves = _gradient_angles(run)
+            angles = {k: late_angle(v) for k, v in curves.items() if k != "<network>"}
             rows.append({
                 "rule": metrics[-1]["rule"], "mode": mode, "width": int(d.name[1:]),
                 "epochs": int(metrics[-1]["epoch"]), "test_acc": float(metrics[-1]["test_acc"]),
@@ -219,11 +210,11 @@ def _bottleneck_rows(folder, mode):
 
 
 def bottleneck(*names):
-    """Bottleneck sweeps in one plot (dfa's final gradient angle of every hidden layer, and
+    """Bottleneck sweeps in one plot (dfa's late-training gradient angle of every hidden layer, and
     test error, against the bottleneck width b of fc2); a grid whose scale ends in ``nonorm``
     is the unnormalised feedback. A bare sweep name stands for its ``-cpu`` and
     ``-cpu_nonorm`` run folders. The table: test error / fc2's angle per cell, then dfa's
-    final angle of every layer."""
+    late-training angle of every layer (mean over the last quarter of its measurements)."""
     if len(names) == 1 and not Path(names[0]).is_dir():
         names = tuple(
             f"{names[0]}-{s}" for s in ("cpu", "cpu_nonorm") if (R / f"{names[0]}-{s}").exists()
@@ -266,7 +257,7 @@ def bottleneck(*names):
             xs = [r["width"] for r in mine]
             errors = [100 * (1 - r["test_acc"]) for r in mine]
             ax_err.plot(xs, errors, ls, color=color, marker="o", label=label)
-    ax_angle.set_ylabel("final gradient angle with bp (deg)")
+    ax_angle.set_ylabel("gradient angle with bp, late in training (deg)")
     ax_err.set_ylabel("test error (%)")
     for ax in (ax_angle, ax_err):
         ax.set_xscale("log")

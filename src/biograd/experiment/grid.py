@@ -40,6 +40,7 @@ import yaml
 from ..errors import BiogradError, ConfigError, DivergedError
 from .config import Config, apply_overrides, config_changes, dump, read_yaml, validate
 from .runner import Spec, cell_configs, load_spec
+from .table import gradient_curves, late_angle
 from .trainer import checkpoint_path, read_rows, run
 
 #: Keys of a cell's config that do not change its result (where it ran, how many threads).
@@ -455,16 +456,12 @@ class _Group:
     diverged: list[int]
 
 
-def _final_angles(folder: Path, rule: str) -> dict[str, float]:
-    """The last measured gradient angle of each layer in ``folder/alignment.csv``."""
-    last: dict[str, tuple[int, float]] = {}
-    for row in read_rows(folder / "alignment.csv"):
-        if row["kind"] != "gradient" or row["rule"] != rule or row["angle"] == "":
-            continue
-        step = int(row["step"])
-        if row["layer"] not in last or step >= last[row["layer"]][0]:
-            last[row["layer"]] = (step, float(row["angle"]))
-    return {k: v for k, (_, v) in last.items()}
+def _late_angles(folder: Path, rule: str) -> dict[str, float]:
+    """Each layer's late-training gradient angle in ``folder/alignment.csv``
+    (:func:`~biograd.experiment.table.late_angle`: the mean over the last quarter of its
+    measurements)."""
+    curves = gradient_curves(folder / "alignment.csv")
+    return {layer: late_angle(c) for (r, _, layer), c in curves.items() if r == rule}
 
 
 def _groups(
@@ -489,7 +486,7 @@ def _groups(
         g.values.append(100 * acc if spec.metric == "test_acc" else 100 * (1 - acc))
         g.seeds.append(c.seed)
         g.epochs.append(int(rows[-1]["epoch"]))
-        for layer, angle in _final_angles(st.folder, c.rule).items():
+        for layer, angle in _late_angles(st.folder, c.rule).items():
             g.angles.setdefault(layer, []).append(angle)
     return groups, done, len(cells), cells
 
@@ -498,7 +495,8 @@ def grid_rows(
     out: Path, spec: Spec, scale: str = "full", results_from: Sequence[Path] = ()
 ) -> list[dict[str, Any]]:
     """One row per (setting, rule) with finished cells: published value, ours (mean and sample
-    std over seeds), seeds, epochs, diverged seeds, final per-layer gradient angles (mean)."""
+    std over seeds), seeds, epochs, diverged seeds, late-training per-layer gradient angles
+    (mean over seeds)."""
     groups, _, _, _ = _groups(spec, scale, out, results_from)
     rows = []
     for (setting, rule), g in groups.items():
@@ -535,8 +533,8 @@ def _data_line(cells: list[Cell]) -> str:
 
 def write_results(out: Path, spec: Spec, scale: str, results_from: Sequence[Path] = ()) -> str:
     """Rebuild ``out/results.md`` from every finished cell (here and in ``results_from``):
-    published vs ours vs difference per (setting, rule), the final gradient angle of every
-    layer, and for a sweep the best setting of each rule; returns the main table."""
+    published vs ours vs difference per (setting, rule), the late-training gradient angle of
+    every layer, and for a sweep the best setting of each rule; returns the main table."""
     metric = "test error (%)" if spec.metric == "test_error" else "test accuracy (%)"
     _, done, total, cells = _groups(spec, scale, out, results_from)
     rows = grid_rows(out, spec, scale, results_from)
@@ -569,10 +567,9 @@ def write_results(out: Path, spec: Spec, scale: str, results_from: Sequence[Path
     angles = _angle_table(rows)
     if angles:
         text += (
-            "\n## Final gradient alignment per layer\n\nAngle (degrees) between the rule's weight "
-            "update and backprop's at the last measurement, mean over seeds (0 = backprop).\n\n"
-            + angles
-            + "\n"
+            "\n## Gradient alignment per layer, late in training\n\nAngle (degrees) between the "
+            "rule's weight update and backprop's: the mean over the last quarter of the run's "
+            "measurements, then over seeds (0 = backprop).\n\n" + angles + "\n"
         )
     if spec.sweep:
         text += "\n" + _sweep_choice(spec, rows)

@@ -43,6 +43,33 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
     return f"{m:.1f} ± {scale * statistics.stdev(values):.1f}"
 
 
+LATE_FRACTION = 0.25
+"""The share of a run's alignment measurements averaged into its late-training angle."""
+
+
+def gradient_curves(path: Path) -> dict[tuple[str, str, str], list[tuple[int, float]]]:
+    """The gradient angle with backprop over training of every (rule, seed, layer) in an
+    ``alignment.csv``: ``[(step, angle), ...]`` in step order (rows without an angle skipped)."""
+    curves: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
+    for row in read_rows(path):
+        if row["kind"] == "gradient" and row["angle"] != "":
+            key = (row["rule"], row["seed"], row["layer"])
+            curves.setdefault(key, []).append((int(row["step"]), float(row["angle"])))
+    for curve in curves.values():
+        curve.sort(key=lambda point: point[0])
+    return curves
+
+
+def late_angle(curve: list[tuple[int, float]], fraction: float = LATE_FRACTION) -> float:
+    """The mean angle over the last ``fraction`` of a curve's measurements (at least one).
+
+    One batch's angle is a noisy reading: in the first convolutions of a ResNet-20 it scatters
+    by tens of degrees between consecutive measurements (docs/results.md, section 3), so the
+    last measurement alone does not say how aligned a layer ended."""
+    tail = curve[-max(int(len(curve) * fraction), 1) :]
+    return statistics.fmean(angle for _, angle in tail)
+
+
 def summarize(run_dir: str | Path) -> list[RuleSummary]:
     """One summary per rule, in the order the rules appear in ``metrics.csv``."""
     run_dir = Path(run_dir)
@@ -54,15 +81,7 @@ def summarize(run_dir: str | Path) -> list[RuleSummary]:
             last[key] = row
         times.setdefault(key, []).append(float(row["epoch_time_s"]))
 
-    # Final gradient angle per (rule, seed, layer): the row with the largest step.
-    final: dict[tuple[str, str, str], tuple[int, float]] = {}
-    for row in read_rows(run_dir / "alignment.csv"):
-        if row["kind"] != "gradient" or row["angle"] == "":
-            continue
-        cell = (row["rule"], row["seed"], row["layer"])
-        step = int(row["step"])
-        if cell not in final or step >= final[cell][0]:
-            final[cell] = (step, float(row["angle"]))
+    curves = gradient_curves(run_dir / "alignment.csv")
 
     diverged: dict[str, list[int]] = {}
     for row in read_diverged(run_dir):
@@ -73,9 +92,9 @@ def summarize(run_dir: str | Path) -> list[RuleSummary]:
         seeds = [s for r, s in last if r == rule]
         rows = [last[(rule, s)] for s in seeds]
         layers: dict[str, list[float]] = {}
-        for (r, s, layer), (_, angle) in final.items():
+        for (r, s, layer), curve in curves.items():
             if r == rule and s in seeds:
-                layers.setdefault(layer, []).append(angle)
+                layers.setdefault(layer, []).append(curve[-1][1])
         out.append(
             RuleSummary(
                 rule=rule,
