@@ -101,6 +101,34 @@ def test_ddp_step_equals_single_process_step(rule: str, ddp_states: dict) -> Non
     assert not torch.equal(single["3.weight"], _model(rule).state_dict()["3.weight"])
 
 
+def test_a_group_init_creates_is_destroyed_before_the_interpreter_exits(tmp_path: Path) -> None:
+    """A process group left alive into interpreter teardown can abort the process (gloo's worker
+    threads: "terminate called without an active exception"); the group :func:`distributed.init`
+    creates is destroyed at exit. The probe's handler, registered first, runs after ours."""
+    probe = (
+        "import atexit, torch.distributed as dist\n"
+        "from biograd import distributed\n"
+        "atexit.register(lambda: print('alive at exit:', dist.is_initialized()))\n"
+        "distributed.launched = lambda: True\n"
+        "print(distributed.init('gloo'))\n"
+    )
+    env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(_free_port())
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["(0,", "1)", "alive", "at", "exit:", "False"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 # ------------------------------------------------------------------ biograd train under torchrun
 TRAIN_CONFIG = """\
 data: {name: digits, batch_size: 32, subset: 256, test_subset: 64}

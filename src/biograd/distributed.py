@@ -16,6 +16,7 @@ feedback buffers (identical by construction) so that only batch-norm statistics 
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 from datetime import timedelta
@@ -35,16 +36,24 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int
     """Join the process group described by torchrun's environment; return ``(rank, world)``.
 
     The backend defaults to NCCL when CUDA is available and gloo otherwise. Without a launcher
-    this is a no-op that returns ``(0, 1)``.
+    this is a no-op that returns ``(0, 1)``. A group created here is destroyed when the
+    interpreter exits (before its teardown: gloo's worker threads still holding work at
+    teardown abort the process with "terminate called without an active exception").
     """
     if not launched():
         return 0, 1
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        atexit.register(_destroy)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
