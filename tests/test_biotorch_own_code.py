@@ -1,7 +1,7 @@
-"""The driver that runs BioTorch's own code on LeNet/MNIST (benchmarks/reproduction/
-biotorch_own_code, docs/results.md 1.2): its torchvision stand-in keeps torchvision's semantics,
-its config carries the published protocol, and its summary reads BioTorch's log as BioTorch
-selects (the first best epoch)."""
+"""The driver that runs BioTorch's own code on LeNet/MNIST and Fashion-MNIST
+(benchmarks/reproduction/biotorch_own_code, docs/results.md 1.2 and 1.3): its torchvision
+stand-in keeps torchvision's semantics, its config carries the published protocol, and its
+summary reads BioTorch's log as BioTorch selects (the first best epoch)."""
 
 from __future__ import annotations
 
@@ -55,13 +55,18 @@ def test_transforms_are_torchvisions_on_pil_images(tv: ModuleType) -> None:
         t.RandomCrop(32)
 
 
+@pytest.mark.parametrize(("cls", "name"), [("MNIST", "mnist"), ("FashionMNIST", "fashion-mnist")])
 def test_mnist_gives_the_original_bytes_and_only_official_files(tv: ModuleType, tmp_path,
-                                                              monkeypatch) -> None:  # fmt: skip
+                                                              monkeypatch, cls: str,
+                                                              name: str) -> None:  # fmt: skip
     images = np.arange(3 * 28 * 28, dtype=np.int64).reshape(3, 28, 28).astype(np.uint8)
     ds = ImageDataset(torch.from_numpy(images).float().unsqueeze(1) / 255.0,
-                      torch.tensor([7, 2, 1]), 10, "mnist", (0.1307,), (0.3081,), "test")  # fmt: skip
-    monkeypatch.setattr(tv.datasets, "load_dataset", lambda *a, **k: ds)
-    mnist = tv.datasets.MNIST(str(tmp_path), train=False)
+                      torch.tensor([7, 2, 1]), 10, name, (0.1307,), (0.3081,), "test")  # fmt: skip
+    asked: list[tuple[str, str]] = []
+    monkeypatch.setattr(tv.datasets, "load_dataset",
+                        lambda n, root, split: asked.append((n, split)) or ds)  # fmt: skip
+    mnist = getattr(tv.datasets, cls)(str(tmp_path), train=False)
+    assert asked == [(name, "test")]
     assert np.array_equal(mnist.data, images) and len(mnist) == 3
     img, label = mnist[1]
     assert img.mode == "L" and np.array_equal(np.array(img), images[1]) and label == 2
@@ -69,9 +74,9 @@ def test_mnist_gives_the_original_bytes_and_only_official_files(tv: ModuleType, 
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"not mnist"))
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"not mnist"))
     with pytest.raises(DataError, match="md5"):
-        tv.datasets.MNIST(str(tmp_path), train=False)
+        getattr(tv.datasets, cls)(str(tmp_path), train=False)
     with pytest.raises(DataError, match="missing"):
-        tv.datasets.MNIST(str(tmp_path), train=True, download=True)
+        getattr(tv.datasets, cls)(str(tmp_path), train=True, download=True)
 
 
 def test_config_carries_the_published_protocol(tmp_path: Path, monkeypatch) -> None:
@@ -89,6 +94,12 @@ def test_config_carries_the_published_protocol(tmp_path: Path, monkeypatch) -> N
     assert train["lr_scheduler"]["milestones"] == [50, 75]
     assert cfg["experiment"] == {"name": "run", "output_dir": str(tmp_path / "c"), "seed": 2021,
                                  "deterministic": True}  # fmt: skip
+    assert cfg["data"]["dataset"] == "mnist"
+    monkeypatch.setattr(sys, "argv", [*argv, "--dataset", "fashion_mnist"])
+    gen.main()
+    cfg = yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())
+    assert cfg["data"] == {"dataset": "fashion_mnist", "dataset_path": str(tmp_path.resolve()),
+                           "target_size": 32, "num_workers": 0}  # fmt: skip
 
 
 def test_summary_takes_the_first_best_epoch_and_leaves_out_the_final_evaluation(tmp_path) -> None:
