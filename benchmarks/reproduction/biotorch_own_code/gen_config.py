@@ -1,7 +1,7 @@
 """Write a config in BioTorch's own format (modelled on its ``benchmark_configs/cifar10/le_net/
-sgd/*.yaml``) for LeNet on MNIST or Fashion-MNIST at the protocol of its Benchmarks.md: 32x32 inputs, Xavier
-init, SGD momentum 0.9, weight decay 1e-3, batch 64, lr / 10 at epochs 50 and 75, deterministic,
-on the CPU. BioTorch publishes no MNIST or Fashion-MNIST config: this one is rebuilt from that
+sgd/*.yaml``) for LeNet on MNIST or Fashion-MNIST at the protocol of its Benchmarks.md: 32x32
+inputs, Xavier init, SGD momentum 0.9, weight decay 1e-3, batch 64, lr / 10 at epochs 50 and 75,
+deterministic, on the CPU. BioTorch publishes no MNIST or Fashion-MNIST config: this one is rebuilt from that
 text. Its data sets normalise with their own mean and std (MNIST 0.1307 / 0.3081, Fashion-MNIST
 0.2859 / 0.3530, ``biotorch/datasets``).
 
